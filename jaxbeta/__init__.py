@@ -1,0 +1,13 @@
+"""jaxbeta: step-level execution coefficients of LLM inference engines from
+request-level traces, in JAX."""
+
+from jaxbeta._results import BaselineResult, IterativeResult, StopReason
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaselineResult",
+    "IterativeResult",
+    "StopReason",
+    "__version__",
+]
