@@ -1,6 +1,8 @@
 """jaxbeta: step-level execution coefficients of LLM inference engines from
 request-level traces, in JAX."""
 
+from jaxbeta._api import estimate_betas_baseline
+from jaxbeta._precision import float64
 from jaxbeta._results import BaselineResult, IterativeResult, StopReason
 
 __version__ = "0.1.0"
@@ -10,4 +12,6 @@ __all__ = [
     "IterativeResult",
     "StopReason",
     "__version__",
+    "estimate_betas_baseline",
+    "float64",
 ]

@@ -1,0 +1,202 @@
+"""Public, reference-compatible entry points (host side).
+
+Each call validates the table (``_boundary``), runs the jit-compiled array
+fit in the requested precision and converts the result to a frozen record of
+host values.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import pandas as pd
+
+from jaxbeta._baseline import fit_baseline_arrays
+from jaxbeta._boundary import (
+    ColumnNames,
+    PreparedTrace,
+    check_chunk_size,
+    check_min_duration,
+    prepare_trace,
+)
+from jaxbeta._correction import TRACE_ONLY_MODES
+from jaxbeta._precision import precision_context, resolve_dtype
+from jaxbeta._results import BaselineResult
+
+__all__ = ["estimate_betas_baseline", "identifiability_warnings"]
+
+COND_WARN = 1e8
+
+
+def _columns(
+    request_id_col, phase_type_col, t_start_col, t_end_col,
+    prefill_tokens_col, decode_tokens_col, n_steps_col,
+) -> ColumnNames:  # fmt: skip
+    return ColumnNames(
+        request_id=request_id_col,
+        phase_type=phase_type_col,
+        t_start=t_start_col,
+        t_end=t_end_col,
+        prefill_tokens=prefill_tokens_col,
+        decode_tokens=decode_tokens_col,
+        n_steps=n_steps_col,
+    )
+
+
+def check_mode(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """Raises ``ValueError`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def identifiability_warnings(
+    beta: np.ndarray, cond_scaled: float, design: np.ndarray
+) -> list[str]:
+    """Plain-language caveats about coefficients the trace cannot pin down."""
+    notes = []
+    names = ("beta0", "beta1", "beta2")
+    column_norm = np.sqrt(np.sum(design**2, axis=0))
+    for j, name in enumerate(names):
+        if column_norm[j] == 0:
+            notes.append(
+                f"{name} multiplies an all-zero design column: the trace has no "
+                "information about it (reported as 0)"
+            )
+        elif beta[j] == 0:
+            notes.append(
+                f"{name} sits at the bound 0: the non-negativity constraint is "
+                "active, so the trace does not support a positive value"
+            )
+    if not np.isfinite(cond_scaled) or cond_scaled > COND_WARN:
+        notes.append(
+            f"the NNLS design is nearly rank-deficient (scaled condition number "
+            f"{cond_scaled:.3g}): the betas are not uniquely determined"
+        )
+    return notes
+
+
+def _check_finite_features(prepared: PreparedTrace, named: dict[str, np.ndarray]):
+    for name, values in named.items():
+        bad = ~np.isfinite(values)
+        if bad.any():
+            rows = list(prepared.index[np.flatnonzero(bad)[:5]])
+            raise ValueError(
+                f"non-finite {name} in {int(bad.sum())} row(s), e.g. rows {rows}"
+            )
+
+
+def estimate_betas_baseline(
+    phases: pd.DataFrame | str,
+    *,
+    chunk_size: float,
+    request_id_col: str = "request_id",
+    phase_type_col: str = "phase_type",
+    t_start_col: str = "t_start",
+    t_end_col: str = "t_end",
+    prefill_tokens_col: str = "prefill_tokens",
+    decode_tokens_col: str = "decode_tokens",
+    n_steps_col: str = "N_steps",
+    min_duration_sec: float = 0.0,
+    correction_mode: str = "end",
+    dtype: str = "float64",
+) -> BaselineResult:
+    """Baseline time-integrated NNLS estimate of (beta0, beta1, beta2).
+
+    A drop-in for the reference's entry point (SPEC section 6).
+
+    Args:
+      phases: one row per phase instance (DataFrame, or a CSV/Parquet path).
+      chunk_size: C, prefill tokens per engine step (> 0).
+      request_id_col, phase_type_col, t_start_col, t_end_col,
+        prefill_tokens_col, decode_tokens_col, n_steps_col: column names.
+        ``n_steps_col`` is optional in the table; when present its values are
+        the authoritative step counts N_i.
+      min_duration_sec: clamp T_i = max(t_end - t_start, min_duration_sec).
+      correction_mode: partial-chunk correction, ``end`` (default, the
+        reference's), ``uniform``, ``none``, or jaxbeta's ``end_inside``.
+      dtype: ``float64`` (default; needed for parity) or ``float32``.
+
+    Returns:
+      A :class:`BaselineResult` with ``beta0`` (s/step), ``beta1``,
+      ``beta2`` (s/token), ``diagnostics`` and per-row ``features``.
+
+    Raises:
+      ValueError: for invalid parameters or rows (the message names them).
+    """
+    chunk = check_chunk_size(chunk_size)
+    min_duration = check_min_duration(min_duration_sec)
+    check_mode("correction_mode", correction_mode, TRACE_ONLY_MODES)
+    np_dtype = resolve_dtype(dtype)
+    columns = _columns(
+        request_id_col, phase_type_col, t_start_col, t_end_col,
+        prefill_tokens_col, decode_tokens_col, n_steps_col,
+    )  # fmt: skip
+    prepared = prepare_trace(phases, columns=columns, dtype=np_dtype)
+    with precision_context(np_dtype):
+        fit = fit_baseline_arrays(
+            prepared.arrays,
+            np_dtype.type(chunk),
+            np_dtype.type(min_duration),
+            correction_mode=correction_mode,
+        )
+        fit = jax.device_get(fit)
+    n = prepared.n_phases
+    steps = np.asarray(fit.steps[:n], dtype=np.float64)
+    duration = np.asarray(fit.duration[:n], dtype=np.float64)
+    exposure_prefill = np.asarray(fit.exposure_prefill[:n], dtype=np.float64)
+    exposure_decode = np.asarray(fit.exposure_decode[:n], dtype=np.float64)
+    _check_finite_features(
+        prepared,
+        {
+            "N_i": steps,
+            "T_i": duration,
+            "lambda_hat_i": steps / duration,
+            "A_pf_i": exposure_prefill,
+            "A_dec_i": exposure_decode,
+        },
+    )
+    beta = np.asarray(fit.beta, dtype=np.float64)
+    if not np.all(np.isfinite(beta)):
+        raise ValueError(f"the NNLS fit produced non-finite betas {beta.tolist()}")
+    design = np.stack([steps, exposure_prefill, exposure_decode], axis=1)
+    cond = float(fit.stats.cond_scaled)
+    notes = identifiability_warnings(beta, cond, design)
+    diagnostics = {
+        "n_phases": float(n),
+        "r2": float(fit.stats.r2),
+        "rmse_seconds": float(fit.stats.rmse_seconds),
+        "mean_duration_seconds": float(duration.mean()),
+        "mean_steps": float(steps.mean()),
+        "mean_A_pf_tokens": float(exposure_prefill.mean()),
+        "mean_A_dec_tokens": float(exposure_decode.mean()),
+        "cond_scaled": cond,
+        "warnings": notes,
+    }
+    if cond > COND_WARN or not np.isfinite(cond):
+        warnings.warn(notes[-1], UserWarning, stacklevel=2)
+    features = pd.DataFrame(
+        {
+            "N_i": steps,
+            "T_i": duration,
+            "A_pf_i": exposure_prefill,
+            "A_dec_i": exposure_decode,
+        },
+        index=prepared.index,
+    )
+    return BaselineResult(
+        beta0=float(beta[0]),
+        beta1=float(beta[1]),
+        beta2=float(beta[2]),
+        diagnostics=diagnostics,
+        features=features,
+        chunk_size=chunk,
+        settings={
+            "min_duration_sec": min_duration,
+            "correction_mode": correction_mode,
+            "dtype": np_dtype.name,
+        },
+    )

@@ -1,0 +1,176 @@
+"""Partial-chunk correction signals c(t) (SPEC sections 5 and 8).
+
+The last prefill step of request r processes only rho_r of its C-token
+chunk; mu_r = C - rho_r tokens are "missing" from the pressure C * n_pf. Each
+mode spreads mu_r over time as a rate in tokens per second on the grid
+segments; the mass of request r always integrates to mu_r.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxbeta._arrays import PhaseArrays
+from jaxbeta._grid import Grid, prefix_integral, prefix_sum
+
+__all__ = [
+    "TRACE_ONLY_MODES",
+    "beta_informed_correction",
+    "missing_tokens",
+    "trace_only_correction",
+]
+
+TRACE_ONLY_MODES = ("none", "uniform", "end", "end_inside")
+"""Correction modes that depend on the trace alone (SPEC section 5).
+
+``end_inside`` is jaxbeta's alternative to ``end``: the mass goes on the
+segment that *ends* at the prefill's end (inside the prefill window) rather
+than the one that starts there. It is never a default.
+"""
+
+# SPEC section 8: a segment "reaches" the target when acc + mass >= target - eps.
+_REACH_SLACK = 1e-15
+
+
+def missing_tokens(
+    arrays: PhaseArrays, steps: jax.Array, chunk_size: jax.Array
+) -> jax.Array:
+    """Tokens missing from each request's last prefill chunk, mu_r.
+
+    rho_r = clip(P_r - C (N_r - 1), 0, C); mu_r = clip(C - rho_r, 0, C).
+
+    Args:
+      arrays: the trace.
+      steps: [n] N_i (see ``phase_steps``).
+      chunk_size: C, tokens per step.
+
+    Returns:
+      [n] tokens; 0 on decode and padding rows.
+    """
+    last_chunk = jnp.clip(arrays.tokens - chunk_size * (steps - 1.0), 0.0, chunk_size)
+    missing = jnp.clip(chunk_size - last_chunk, 0.0, chunk_size)
+    return jnp.where(arrays.valid & arrays.is_prefill, missing, 0.0)
+
+
+def _scatter_to_segments(
+    values: jax.Array, segment: jax.Array, n_segments: int
+) -> jax.Array:
+    return jax.ops.segment_sum(values, segment, num_segments=n_segments)
+
+
+def _safe_rate(mass: jax.Array, length: jax.Array) -> jax.Array:
+    """mass / length on segments of positive length, 0 elsewhere."""
+    positive = length > 0
+    return jnp.where(positive, mass / jnp.where(positive, length, 1.0), 0.0)
+
+
+def trace_only_correction(
+    grid: Grid, arrays: PhaseArrays, missing: jax.Array, mode: str
+) -> jax.Array:
+    """Correction rate c[j] of a trace-only mode (SPEC section 5).
+
+    Args:
+      grid: the trace's grid.
+      arrays: the trace.
+      missing: [n] mu_r per prefill row (see :func:`missing_tokens`).
+      mode: ``none``, ``uniform``, ``end`` or ``end_inside`` (static).
+
+    Returns:
+      [S] tokens per second on each segment.
+    """
+    n_segments = grid.length.shape[0]
+    if mode == "none":
+        return jnp.zeros_like(grid.length)
+    if mode == "uniform":
+        duration = arrays.t_end - arrays.t_start
+        rate = jnp.where(missing > 0, missing / jnp.where(missing > 0, duration, 1), 0)
+        events = jnp.concatenate([rate, -rate])[arrays.grid_order]
+        return prefix_sum(events)[:-1]
+    if mode in ("end", "end_inside"):
+        segment = arrays.end_segment if mode == "end" else arrays.end_inside_segment
+        mass = _scatter_to_segments(missing, segment, n_segments)
+        return _safe_rate(mass, grid.length)
+    raise ValueError(
+        f"unknown correction mode {mode!r}; expected one of {TRACE_ONLY_MODES}"
+    )
+
+
+def beta_informed_correction(
+    grid: Grid,
+    arrays: PhaseArrays,
+    missing: jax.Array,
+    steps: jax.Array,
+    step_rate: jax.Array,
+) -> jax.Array:
+    """The beta-informed correction for a frozen step rate (SPEC section 8).
+
+    For each prefill request r, the last step's window is ``[t*, t_re)``
+    where the step-count integral from t_rs first reaches
+    ``L - L / N_r`` (L = integral of lambda over the prefill). mu_r is spread
+    over that window in proportion to lambda, so it integrates to mu_r.
+
+    The search for t* is a binary search on the running integral of lambda
+    (non-decreasing), done for all requests at once; the full segments of
+    every window get the rate ``lambda_j * mu_r / W_r`` through one
+    difference array, the partial first segment through a scatter.
+
+    Args:
+      grid: the trace's grid.
+      arrays: the trace.
+      missing: [n] mu_r (0 on non-prefill rows).
+      steps: [n] N_r.
+      step_rate: [S] lambda_j, steps per second (frozen for this call).
+
+    Returns:
+      [S] correction rate c[j], tokens per second.
+    """
+    n_segments = grid.length.shape[0]
+    running = prefix_integral(grid, step_rate)  # [M], steps
+    start, end = arrays.start_rank, arrays.end_rank
+    window_steps = running[end] - running[start]  # L
+    safe_steps = jnp.where(steps > 0, steps, 1.0)
+    target = jnp.clip(window_steps - window_steps / safe_steps, 0.0, window_steps)
+
+    # First grid index k in (start, end] with running[k] >= running[start] +
+    # target - slack: the walk reaches the target inside segment k - 1.
+    query = running[start] + (target - _REACH_SLACK)
+    first = jnp.searchsorted(running, query, side="left")
+    first = jnp.maximum(first, start + 1)
+    reached = first <= end
+    segment = jnp.clip(first - 1, 0, n_segments - 1)
+    seg_rate = step_rate[segment]
+    accumulated = running[segment] - running[start]
+    remaining = jnp.maximum(target - accumulated, 0.0)
+    safe_rate = jnp.where(seg_rate > 0, seg_rate, 1.0)
+    t_star = jnp.clip(
+        grid.points[segment] + remaining / safe_rate, arrays.t_start, arrays.t_end
+    )
+    t_star = jnp.where(reached, t_star, arrays.t_end)
+
+    # Mass W of lambda over [t*, t_re): the partial segment plus full ones.
+    partial = jnp.maximum(grid.points[segment + 1] - t_star, 0.0)
+    tail_steps = running[end] - running[segment + 1] + seg_rate * partial
+    active = (
+        (missing > 0)
+        & (steps > 0)
+        & (window_steps > 0)
+        & (t_star < arrays.t_end)
+        & (tail_steps > 0)
+        & reached
+    )
+    per_step = jnp.where(active, missing / jnp.where(active, tail_steps, 1.0), 0.0)
+
+    # Partial first segment: mu * lambda_j * overlap / W / length_j.
+    partial_mass = per_step * seg_rate * partial
+    partial_rate = _safe_rate(
+        _scatter_to_segments(partial_mass, segment, n_segments), grid.length
+    )
+    # Full segments segment+1 .. end-1: rate lambda_j * mu / W, via a
+    # difference array over segment indices.
+    diff = _scatter_to_segments(
+        per_step, jnp.where(active, segment + 1, 0), n_segments + 1
+    )
+    diff = diff - _scatter_to_segments(per_step, end, n_segments + 1)
+    coefficient = jnp.cumsum(diff)[:n_segments]
+    return partial_rate + step_rate * coefficient

@@ -1,0 +1,141 @@
+"""Three-coefficient non-negative least squares (the only jaxopt user).
+
+    beta = argmin_{beta >= 0} ||X beta - y||^2
+
+depends on the data only through the Gram matrix ``X^T X`` (3x3) and
+``X^T y`` (3), so the solver never sees the rows. jaxopt's
+``ProjectedGradient`` (accelerated) solves the
+column-scaled problem (fixed step 1/3); its support (the coefficients it leaves positive) is
+then *polished*: the normal equations restricted to that support are solved
+exactly, and the polished point is kept when it satisfies the KKT conditions
+(positive on the support, non-negative gradient off it). The polish lands on
+the exact optimum (the reference's active-set answer) to rounding, with
+exact zeros off the support, which a projected-gradient iterate alone
+reaches only asymptotically.
+
+Gradients: the polished point is a linear solve on a fixed support, so
+autodiff through it is the implicit-function derivative at the optimum,
+with zero sensitivity for coefficients held at 0. When the polish fails (a
+rank-deficient design, where the minimiser is not unique) the projected
+gradient point is returned, differentiated implicitly by jaxopt.
+
+jaxopt is in maintenance mode and warns on import; the warning is silenced
+here so that it never reaches users, and no other module imports jaxopt.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
+    import jaxopt
+    from jaxopt.projection import projection_non_negative
+
+__all__ = ["NNLSSolution", "gram_system", "solve_nnls"]
+
+PG_MAXITER = 2000
+PG_TOL = 1e-13
+
+
+class NNLSSolution(NamedTuple):
+    beta: jax.Array  # [3] the minimiser (same units as the design columns)
+    polished: jax.Array  # [] bool, the exact support solve was accepted
+    pg_iterations: jax.Array  # [] int, projected-gradient iterations used
+    cond_scaled: jax.Array  # [] condition number of the column-scaled Gram
+
+
+def gram_system(
+    design: jax.Array, target: jax.Array, weight: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Weighted normal equations of the least-squares fit.
+
+    Args:
+      design: [n, 3] rows x_i.
+      target: [n] y_i.
+      weight: [n] w_i >= 0 (0 masks a row out).
+
+    Returns:
+      ``(X^T W X [3, 3], X^T W y [3])``.
+    """
+    weighted = design * weight[:, None]
+    return weighted.T @ design, weighted.T @ target
+
+
+def _quadratic(z, gram, rhs):
+    return 0.5 * z @ (gram @ z) - rhs @ z
+
+
+def solve_nnls(
+    gram: jax.Array, rhs: jax.Array, init: jax.Array | None = None
+) -> NNLSSolution:
+    """Solves ``min_{beta >= 0} 0.5 beta^T G beta - b^T beta``.
+
+    Args:
+      gram: [3, 3] ``G = X^T X`` (symmetric positive semi-definite).
+      rhs: [3] ``b = X^T y``.
+      init: [3] optional warm start (e.g. the previous MM iterate).
+
+    Returns:
+      An :class:`NNLSSolution`.
+    """
+    dtype = gram.dtype
+    size = rhs.shape[0]
+    # Column scaling: z = d * beta with d_j = ||X[:, j]||; the scaled Gram has
+    # a unit diagonal, which makes the step size and the tolerance
+    # dimensionless. Columns that are identically 0 keep d_j = 1.
+    diag = jnp.diagonal(gram)
+    scale = jnp.where(diag > 0, jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 1.0)
+    gram_s = gram / (scale[:, None] * scale[None, :])
+    rhs_s = rhs / scale
+    eigenvalues = jnp.linalg.eigvalsh(gram_s)
+    cond_scaled = eigenvalues[-1] / jnp.maximum(eigenvalues[0], 0.0)
+
+    if init is None:
+        z0 = jnp.zeros(size, dtype=dtype)
+    else:
+        z0 = jnp.maximum(jnp.where(jnp.isfinite(init), init, 0.0), 0.0) * scale
+    solver = jaxopt.ProjectedGradient(
+        fun=_quadratic,
+        projection=projection_non_negative,
+        # A unit-diagonal PSD matrix has largest eigenvalue <= trace = size,
+        # so 1 / size is a safe static step (jaxopt needs a Python float).
+        stepsize=1.0 / size,
+        maxiter=PG_MAXITER,
+        tol=PG_TOL,
+        acceleration=True,
+    )
+    z_pg, state = solver.run(z0, hyperparams_proj=None, gram=gram_s, rhs=rhs_s)
+
+    # Polish on the support found by projected gradient.
+    support = jax.lax.stop_gradient(z_pg > 0)
+    both = support[:, None] & support[None, :]
+    eye = jnp.eye(size, dtype=dtype)
+    reduced = jnp.where(both, gram_s, eye)
+    reduced_rhs = jnp.where(support, rhs_s, 0.0)
+    z_exact = jnp.linalg.solve(jax.lax.stop_gradient(reduced), reduced_rhs)
+    gradient = gram_s @ z_exact - rhs_s
+    # Optimality (KKT) of the polished point, with a rounding allowance.
+    slack = 1e3 * jnp.finfo(dtype).eps * (1.0 + jnp.max(jnp.abs(rhs_s)))
+    accepted = (
+        jnp.all(jnp.isfinite(z_exact))
+        & jnp.all(jnp.where(support, z_exact > 0, True))
+        & jnp.all(jnp.where(support, True, gradient >= -slack))
+    )
+    accepted = jax.lax.stop_gradient(accepted)
+    # Differentiate only the branch that is used: re-solve with a harmless
+    # system when the polish is rejected, so no NaN leaks into gradients.
+    safe = jnp.where(accepted, reduced, eye)
+    z_exact = jnp.linalg.solve(safe, jnp.where(accepted, reduced_rhs, 0.0))
+    z = jnp.where(accepted, jnp.where(support, z_exact, 0.0), z_pg)
+    return NNLSSolution(
+        beta=z / scale,
+        polished=accepted,
+        pg_iterations=state.iter_num,
+        cond_scaled=cond_scaled,
+    )
