@@ -4,9 +4,9 @@
 
 depends on the data only through the Gram matrix ``X^T X`` (3x3) and
 ``X^T y`` (3), so the solver never sees the rows. jaxopt's
-``ProjectedGradient`` (accelerated) solves the
-column-scaled problem (fixed step 1/3); its support (the coefficients it leaves positive) is
-then *polished*: the normal equations restricted to that support are solved
+``ProjectedGradient`` (accelerated, fixed step 1/3) solves the column-scaled
+problem; its support (the coefficients it leaves positive) is then
+*polished*: the normal equations restricted to that support are solved
 exactly, and the polished point is kept when it satisfies the KKT conditions
 (positive on the support, non-negative gradient off it). The polish lands on
 the exact optimum (the reference's active-set answer) to rounding, with
