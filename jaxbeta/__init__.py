@@ -1,7 +1,7 @@
 """jaxbeta: step-level execution coefficients of LLM inference engines from
 request-level traces, in JAX."""
 
-from jaxbeta._api import estimate_betas_baseline
+from jaxbeta._api import estimate_betas_baseline, estimate_betas_iterative
 from jaxbeta._precision import float64
 from jaxbeta._results import BaselineResult, IterativeResult, StopReason
 
@@ -13,5 +13,6 @@ __all__ = [
     "StopReason",
     "__version__",
     "estimate_betas_baseline",
+    "estimate_betas_iterative",
     "float64",
 ]

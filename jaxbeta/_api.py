@@ -23,10 +23,20 @@ from jaxbeta._boundary import (
     prepare_trace,
 )
 from jaxbeta._correction import TRACE_ONLY_MODES
+from jaxbeta._iterative import (
+    INIT_MODES,
+    ITERATIVE_MODES,
+    fit_iterative_arrays,
+    stop_reason_name,
+)
 from jaxbeta._precision import precision_context, resolve_dtype
-from jaxbeta._results import BaselineResult
+from jaxbeta._results import BaselineResult, IterativeResult
 
-__all__ = ["estimate_betas_baseline", "identifiability_warnings"]
+__all__ = [
+    "estimate_betas_baseline",
+    "estimate_betas_iterative",
+    "identifiability_warnings",
+]
 
 COND_WARN = 1e8
 
@@ -199,4 +209,192 @@ def estimate_betas_baseline(
             "correction_mode": correction_mode,
             "dtype": np_dtype.name,
         },
+    )
+
+
+def estimate_betas_iterative(
+    phases: pd.DataFrame | str,
+    *,
+    chunk_size: float,
+    request_id_col: str = "request_id",
+    phase_type_col: str = "phase_type",
+    t_start_col: str = "t_start",
+    t_end_col: str = "t_end",
+    prefill_tokens_col: str = "prefill_tokens",
+    decode_tokens_col: str = "decode_tokens",
+    n_steps_col: str = "N_steps",
+    min_duration_sec: float = 0.0,
+    prefill_correction_mode: str = "beta_informed",
+    max_outer_iters: int = 25,
+    tol: float = 1e-6,
+    damping_eta: float = 1.0,
+    init_via_baseline_correction: str = "end",
+    dtype: str = "float64",
+) -> IterativeResult:
+    """Iterative MM step-density reweighting estimate (SPEC section 7).
+
+    A drop-in for the reference's entry point: with the defaults it runs the
+    same iterations with the same stop rule (``d < tol``, strict) and returns
+    the last iterate, also when the loop ends in a period-2 cycle (then
+    ``stop_reason == "cycle"``).
+
+    Args:
+      phases: one row per phase instance (DataFrame, or a CSV/Parquet path).
+      chunk_size: C, prefill tokens per engine step (> 0).
+      request_id_col, phase_type_col, t_start_col, t_end_col,
+        prefill_tokens_col, decode_tokens_col, n_steps_col: column names.
+      min_duration_sec: clamp T_i = max(t_end - t_start, min_duration_sec).
+      prefill_correction_mode: ``beta_informed`` (default), ``end``,
+        ``uniform``, ``none``, or jaxbeta's ``end_inside``.
+      max_outer_iters: iteration cap (> 0).
+      tol: absolute tolerance on ``||beta^(m) - beta^(m-1)||_2`` (> 0).
+      damping_eta: eta in (0, 1]; ``beta^(m) = (1-eta) beta^(m-1) + eta fit``.
+      init_via_baseline_correction: correction mode of the baseline
+        initialisation: ``end`` (default), ``uniform``, ``none``,
+        ``end_inside``.
+      dtype: ``float64`` (default) or ``float32``.
+
+    Returns:
+      An :class:`IterativeResult`.
+
+    Raises:
+      ValueError: for invalid parameters or rows (the message names them).
+    """
+    chunk = check_chunk_size(chunk_size)
+    min_duration = check_min_duration(min_duration_sec)
+    check_mode("prefill_correction_mode", prefill_correction_mode, ITERATIVE_MODES)
+    check_mode("init_via_baseline_correction", init_via_baseline_correction, INIT_MODES)
+    iters, tol_value, eta = check_loop_settings(max_outer_iters, tol, damping_eta)
+    np_dtype = resolve_dtype(dtype)
+    columns = _columns(
+        request_id_col, phase_type_col, t_start_col, t_end_col,
+        prefill_tokens_col, decode_tokens_col, n_steps_col,
+    )  # fmt: skip
+    prepared = prepare_trace(phases, columns=columns, dtype=np_dtype)
+    with precision_context(np_dtype):
+        fit = fit_iterative_arrays(
+            prepared.arrays,
+            np_dtype.type(chunk),
+            np_dtype.type(min_duration),
+            prefill_correction_mode=prefill_correction_mode,
+            max_outer_iters=iters,
+            tol=np_dtype.type(tol_value),
+            damping_eta=np_dtype.type(eta),
+            init_via_baseline_correction=init_via_baseline_correction,
+        )
+        fit = jax.device_get(fit)
+    settings = {
+        "min_duration_sec": min_duration,
+        "prefill_correction_mode": prefill_correction_mode,
+        "max_outer_iters": iters,
+        "tol": tol_value,
+        "damping_eta": eta,
+        "init_via_baseline_correction": init_via_baseline_correction,
+        "dtype": np_dtype.name,
+    }
+    return iterative_result(fit, prepared, chunk, settings)
+
+
+def check_loop_settings(max_outer_iters, tol, damping_eta) -> tuple[int, float, float]:
+    """Validates the MM loop settings; returns them as (int, float, float)."""
+    if isinstance(max_outer_iters, bool) or not isinstance(
+        max_outer_iters, (int, np.integer)
+    ):
+        raise ValueError(
+            f"`max_outer_iters` must be a positive integer, got {max_outer_iters!r}"
+        )
+    if max_outer_iters <= 0:
+        raise ValueError(f"`max_outer_iters` must be > 0, got {max_outer_iters!r}")
+    tol_value = float(tol)
+    if not np.isfinite(tol_value) or tol_value <= 0:
+        raise ValueError(f"`tol` must be > 0, got {tol!r}")
+    eta = float(damping_eta)
+    if not (0.0 < eta <= 1.0):
+        raise ValueError(f"`damping_eta` must be in (0, 1], got {damping_eta!r}")
+    return int(max_outer_iters), tol_value, eta
+
+
+def iterative_result(
+    fit, prepared: PreparedTrace, chunk: float, settings: dict[str, Any]
+) -> IterativeResult:
+    """Converts a host copy of an :class:`IterativeFit` to the public record."""
+    n = prepared.n_phases
+    m = int(fit.n_outer_iters)
+    steps = np.asarray(fit.steps[:n], dtype=np.float64)
+    duration = np.asarray(fit.duration[:n], dtype=np.float64)
+    exposure_prefill = np.asarray(fit.exposure_prefill[:n], dtype=np.float64)
+    exposure_decode = np.asarray(fit.exposure_decode[:n], dtype=np.float64)
+    _check_finite_features(
+        prepared,
+        {"N_i": steps, "T_i": duration, "lambda_hat_i": steps / duration},
+    )
+    beta = np.asarray(fit.beta, dtype=np.float64)
+    init_beta = np.asarray(fit.init_beta, dtype=np.float64)
+    history_beta = np.asarray(fit.history_beta[: m + 1], dtype=np.float64)
+    history = {
+        "beta": [tuple(float(v) for v in row) for row in history_beta],
+        "delta_beta_l2": [float(v) for v in fit.history_delta[:m]],
+        "r2": [float(v) for v in fit.history_r2[:m]],
+        "rmse_seconds": [float(v) for v in fit.history_rmse[:m]],
+        "lambda_floor_segments": [int(v) for v in fit.lambda_floor_segments[:m]],
+    }
+    stop_reason = stop_reason_name(int(fit.stop_code))
+    converged = bool(fit.converged)
+    design = np.stack([steps, exposure_prefill, exposure_decode], axis=1)
+    cond = float(fit.stats.cond_scaled)
+    notes = identifiability_warnings(beta, cond, design)
+    if stop_reason == "cycle":
+        notes.append(
+            "the MM loop ended in a period-2 cycle; the result is the last "
+            "iterate, as in the reference (history shows both states)"
+        )
+    elif stop_reason == "max_iters":
+        notes.append(
+            f"the MM loop hit max_outer_iters={m} without meeting tol "
+            f"(last step {history['delta_beta_l2'][-1]:.3g})"
+        )
+    elif stop_reason == "non_finite":
+        notes.append("an iterate became non-finite; the loop stopped there")
+    diagnostics = {
+        "converged": converged,
+        "n_outer_iters": float(m),
+        "tol": settings["tol"],
+        "damping_eta": settings["damping_eta"],
+        "init_beta0": float(init_beta[0]),
+        "init_beta1": float(init_beta[1]),
+        "init_beta2": float(init_beta[2]),
+        "final_beta0": float(beta[0]),
+        "final_beta1": float(beta[1]),
+        "final_beta2": float(beta[2]),
+        "final_r2": float(fit.stats.r2),
+        "final_rmse_seconds": float(fit.stats.rmse_seconds),
+        "final_delta_beta_l2": float(fit.history_delta[m - 1]) if m else np.nan,
+        "mean_steps": float(steps.mean()),
+        "mean_duration_seconds": float(duration.mean()),
+        "n_phases": float(n),
+        "stop_reason": stop_reason,
+        "cond_scaled": cond,
+        "warnings": notes,
+    }
+    features = pd.DataFrame(
+        {
+            "N_i": steps,
+            "T_i": duration,
+            "exp_pf": exposure_prefill,
+            "exp_dec": exposure_decode,
+        },
+        index=prepared.index,
+    )
+    return IterativeResult(
+        beta0=float(beta[0]),
+        beta1=float(beta[1]),
+        beta2=float(beta[2]),
+        converged=converged,
+        n_outer_iters=m,
+        stop_reason=stop_reason,
+        diagnostics=diagnostics,
+        history=history,
+        features=features,
+        chunk_size=chunk,
+        settings=settings,
     )

@@ -1,0 +1,293 @@
+"""Iterative MM-style step-density reweighting (SPEC sections 7 and 8).
+
+The whole fit is one ``lax.while_loop`` whose carry holds beta, the
+effective prefill pressure of the previous iteration (the lag of SPEC
+section 7, step 1), the iteration count, the last step size and fixed-size
+history buffers, so it compiles once per (padded shape, ``max_outer_iters``,
+correction modes) and vmaps over padded traces.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxbeta._arrays import PhaseArrays
+from jaxbeta._baseline import FitStats, baseline_exposures, fit_stats
+from jaxbeta._correction import (
+    beta_informed_correction,
+    missing_tokens,
+    trace_only_correction,
+)
+from jaxbeta._grid import (
+    Grid,
+    build_grid,
+    phase_durations,
+    phase_integral,
+    phase_steps,
+    prefix_integral,
+)
+from jaxbeta._nnls import gram_system, solve_nnls
+
+__all__ = [
+    "ITERATIVE_MODES",
+    "STOP_CODES",
+    "IterativeFit",
+    "fit_iterative_arrays",
+    "stop_reason_name",
+]
+
+ITERATIVE_MODES = ("beta_informed", "end", "uniform", "none", "end_inside")
+INIT_MODES = ("end", "uniform", "none", "end_inside")
+
+# SPEC section 7: floor on the local step time Delta (seconds) and on lambda.
+STEP_TIME_FLOOR = 1e-12
+STEP_RATE_FLOOR = 1e-12
+
+# Stop codes (see ``jaxbeta.StopReason``).
+CONVERGED, MAX_ITERS, CYCLE, NON_FINITE = 0, 1, 2, 3
+STOP_CODES = ("converged", "max_iters", "cycle", "non_finite")
+
+
+def stop_reason_name(code: int) -> str:
+    return STOP_CODES[int(code)]
+
+
+class IterativeFit(NamedTuple):
+    """Array-level result of the MM fit (a pytree; vmaps over traces).
+
+    ``H = max_outer_iters``; history rows past ``n_outer_iters`` are NaN.
+    """
+
+    beta: jax.Array  # [3] last iterate beta^(m)
+    init_beta: jax.Array  # [3] beta^(0), the baseline initialisation
+    converged: jax.Array  # [] bool, d < tol was met
+    n_outer_iters: jax.Array  # [] int32, iterations executed
+    stop_code: jax.Array  # [] int32, index into STOP_CODES
+    history_beta: jax.Array  # [H + 1, 3] beta^(0..H)
+    history_delta: jax.Array  # [H] d = ||beta^(m) - beta^(m-1)||_2
+    history_r2: jax.Array  # [H] r2 of each iteration's NNLS fit
+    history_rmse: jax.Array  # [H] rmse (seconds) of each iteration's fit
+    steps: jax.Array  # [n] N_i
+    duration: jax.Array  # [n] T_i, seconds
+    exposure_prefill: jax.Array  # [n] N_i * pbar_pf_i of the last iteration
+    exposure_decode: jax.Array  # [n] N_i * pbar_dec_i of the last iteration
+    stats: FitStats  # of the last iteration's NNLS fit
+    lambda_floor_segments: jax.Array  # [H] segments at the Delta floor
+    n_phases: jax.Array  # [] valid rows
+
+
+class _Carry(NamedTuple):
+    iteration: jax.Array
+    beta: jax.Array
+    effective_prefill: jax.Array  # [S] ptilde^(m-1), tokens per step
+    delta: jax.Array
+    finite: jax.Array
+    history_beta: jax.Array
+    history_delta: jax.Array
+    history_r2: jax.Array
+    history_rmse: jax.Array
+    floor_hits: jax.Array
+    exposure_prefill: jax.Array
+    exposure_decode: jax.Array
+    stats: FitStats
+
+
+def _weighted_features(
+    grid: Grid,
+    arrays: PhaseArrays,
+    steps: jax.Array,
+    step_rate: jax.Array,
+    effective_prefill: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Step-averaged exposures N_i * pbar_pf_i and N_i * pbar_dec_i (step 4)."""
+    window_steps = phase_integral(arrays, prefix_integral(grid, step_rate))
+    prefill_mass = phase_integral(
+        arrays, prefix_integral(grid, effective_prefill * step_rate)
+    )
+    decode_mass = phase_integral(
+        arrays, prefix_integral(grid, grid.n_decode * step_rate)
+    )
+    positive = window_steps > 0
+    safe = jnp.where(positive, window_steps, 1.0)
+    mean_prefill = jnp.where(positive, prefill_mass / safe, 0.0)
+    mean_decode = jnp.where(positive, decode_mass / safe, 0.0)
+    valid = arrays.valid
+    return (
+        jnp.where(valid, steps * mean_prefill, 0.0),
+        jnp.where(valid, steps * mean_decode, 0.0),
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "prefill_correction_mode",
+        "init_via_baseline_correction",
+        "max_outer_iters",
+    ),
+)
+def fit_iterative_arrays(
+    arrays: PhaseArrays,
+    chunk_size: jax.Array,
+    min_duration_sec: jax.Array = 0.0,
+    prefill_correction_mode: str = "beta_informed",
+    max_outer_iters: int = 25,
+    tol: jax.Array = 1e-6,
+    damping_eta: jax.Array = 1.0,
+    init_via_baseline_correction: str = "end",
+    weight: jax.Array | None = None,
+) -> IterativeFit:
+    """MM fit of one padded trace: pure, jit-ed, vmap-able (SPEC section 7).
+
+    Args:
+      arrays: the padded trace.
+      chunk_size: C, prefill tokens per step.
+      min_duration_sec: lower clamp on T_i, seconds.
+      prefill_correction_mode: static; ``beta_informed`` (default), ``end``,
+        ``uniform``, ``none`` or ``end_inside``.
+      max_outer_iters: static iteration cap (> 0); sizes the history.
+      tol: stop when ``||beta^(m) - beta^(m-1)||_2 < tol`` (seconds).
+      damping_eta: eta in (0, 1].
+      init_via_baseline_correction: static; correction mode of the baseline
+        initialisation.
+      weight: optional [n] row weights in every least-squares fit.
+
+    Returns:
+      An :class:`IterativeFit`.
+    """
+    grid = build_grid(arrays)
+    steps = phase_steps(arrays, chunk_size)
+    duration = phase_durations(arrays, min_duration_sec)
+    row_weight = arrays.valid.astype(duration.dtype)
+    if weight is not None:
+        row_weight = row_weight * weight
+    dtype = duration.dtype
+
+    # Initialisation: the baseline estimate with the init correction mode.
+    _, _, init_prefill, init_decode = baseline_exposures(
+        arrays, chunk_size, min_duration_sec, init_via_baseline_correction
+    )
+    init_design = jnp.stack([steps, init_prefill, init_decode], axis=1)
+    init_beta = solve_nnls(*gram_system(init_design, duration, row_weight)).beta
+
+    prefill_pressure = chunk_size * grid.n_prefill  # p_pf_full
+    decode_pressure = grid.n_decode  # p_dec
+    missing = missing_tokens(arrays, steps, chunk_size)
+    if prefill_correction_mode != "beta_informed":
+        fixed_correction = trace_only_correction(
+            grid, arrays, missing, prefill_correction_mode
+        )
+    # Segments inside no phase never enter a window integral; zeroing their
+    # step rate keeps the floor (lambda = 1e12 on idle gaps) out of the
+    # running sums, where it would cancel away the digits of later windows.
+    busy = (grid.n_prefill + grid.n_decode) > 0
+
+    def outer_step(carry: _Carry) -> _Carry:
+        beta = carry.beta
+        step_time = beta[0] + beta[1] * carry.effective_prefill
+        step_time = step_time + beta[2] * decode_pressure
+        at_floor = step_time < STEP_TIME_FLOOR
+        full_step_rate = 1.0 / jnp.maximum(step_time, STEP_TIME_FLOOR)
+        step_rate = jnp.where(busy, full_step_rate, 0.0)
+        floor_hits = jnp.sum(at_floor & busy & (grid.length > 0), dtype=jnp.int32)
+
+        if prefill_correction_mode == "beta_informed":
+            correction = beta_informed_correction(
+                grid, arrays, missing, steps, step_rate
+            )
+        else:
+            correction = fixed_correction
+        effective_prefill = jnp.maximum(
+            prefill_pressure
+            - correction / jnp.maximum(full_step_rate, STEP_RATE_FLOOR),
+            0.0,
+        )
+        exposure_prefill, exposure_decode = _weighted_features(
+            grid, arrays, steps, step_rate, effective_prefill
+        )
+        design = jnp.stack([steps, exposure_prefill, exposure_decode], axis=1)
+        solution = solve_nnls(*gram_system(design, duration, row_weight), init=beta)
+        stats = fit_stats(
+            design, duration, row_weight, solution.beta, solution.cond_scaled
+        )
+        new_beta = (1.0 - damping_eta) * beta + damping_eta * solution.beta
+        delta = jnp.linalg.norm(new_beta - beta)
+        m = carry.iteration
+        return _Carry(
+            iteration=m + 1,
+            beta=new_beta,
+            effective_prefill=effective_prefill,
+            delta=delta,
+            finite=jnp.all(jnp.isfinite(new_beta)),
+            history_beta=carry.history_beta.at[m + 1].set(new_beta),
+            history_delta=carry.history_delta.at[m].set(delta),
+            history_r2=carry.history_r2.at[m].set(stats.r2),
+            history_rmse=carry.history_rmse.at[m].set(stats.rmse_seconds),
+            floor_hits=carry.floor_hits.at[m].set(floor_hits),
+            exposure_prefill=exposure_prefill,
+            exposure_decode=exposure_decode,
+            stats=stats,
+        )
+
+    def keep_going(carry: _Carry) -> jax.Array:
+        return (carry.iteration < max_outer_iters) & ~(carry.delta < tol) & carry.finite
+
+    nan = jnp.array(jnp.nan, dtype=dtype)
+    history = jnp.full((max_outer_iters,), nan)
+    zeros = jnp.zeros_like(duration)
+    initial = _Carry(
+        iteration=jnp.array(0, dtype=jnp.int32),
+        beta=init_beta,
+        effective_prefill=prefill_pressure,
+        delta=jnp.array(jnp.inf, dtype=dtype),
+        finite=jnp.all(jnp.isfinite(init_beta)),
+        history_beta=jnp.full((max_outer_iters + 1, 3), nan).at[0].set(init_beta),
+        history_delta=history,
+        history_r2=history,
+        history_rmse=history,
+        floor_hits=jnp.zeros((max_outer_iters,), dtype=jnp.int32),
+        exposure_prefill=zeros,
+        exposure_decode=zeros,
+        stats=FitStats(r2=nan, rmse_seconds=nan, cond_scaled=nan),
+    )
+    final = jax.lax.while_loop(keep_going, outer_step, initial)
+
+    converged = final.delta < tol
+    m = final.iteration
+    # A period-2 orbit: the last iterate equals the one two steps back (and
+    # so does its predecessor) to within tol, while consecutive ones differ.
+    back2 = final.history_beta[jnp.maximum(m - 2, 0)]
+    back3 = final.history_beta[jnp.maximum(m - 3, 0)]
+    previous = final.history_beta[jnp.maximum(m - 1, 0)]
+    cycling = (
+        (m >= 4)
+        & (jnp.linalg.norm(final.beta - back2) < tol)
+        & (jnp.linalg.norm(previous - back3) < tol)
+    )
+    stop_code = jnp.where(
+        ~final.finite,
+        NON_FINITE,
+        jnp.where(converged, CONVERGED, jnp.where(cycling, CYCLE, MAX_ITERS)),
+    ).astype(jnp.int32)
+    return IterativeFit(
+        beta=final.beta,
+        init_beta=init_beta,
+        converged=converged,
+        n_outer_iters=m,
+        stop_code=stop_code,
+        history_beta=final.history_beta,
+        history_delta=final.history_delta,
+        history_r2=final.history_r2,
+        history_rmse=final.history_rmse,
+        steps=steps,
+        duration=duration,
+        exposure_prefill=final.exposure_prefill,
+        exposure_decode=final.exposure_decode,
+        stats=final.stats,
+        lambda_floor_segments=final.floor_hits,
+        n_phases=jnp.sum(arrays.valid),
+    )
