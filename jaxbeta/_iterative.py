@@ -122,6 +122,145 @@ def _weighted_features(
     )
 
 
+class MMContext(NamedTuple):
+    """Everything the outer MM step needs that does not change between
+    iterations (computed once per fit)."""
+
+    grid: Grid
+    arrays: PhaseArrays
+    steps: jax.Array  # [n] N_i
+    duration: jax.Array  # [n] T_i, seconds (regression target)
+    row_weight: jax.Array  # [n] least-squares weights (0 on padding)
+    prefill_pressure: jax.Array  # [S] p_pf_full = C * n_pf, tokens/step
+    decode_pressure: jax.Array  # [S] p_dec = n_dec, tokens/step
+    missing: jax.Array  # [n] mu_r, tokens
+    fixed_correction: jax.Array  # [S] trace-only c (unused for beta_informed)
+    busy: jax.Array  # [S] bool, some phase is active on the segment
+
+
+class MMStep(NamedTuple):
+    """Output of one outer MM step (SPEC section 7, steps 1-5)."""
+
+    fit_beta: jax.Array  # [3] NNLS solution beta_fit (before damping)
+    effective_prefill: jax.Array  # [S] ptilde^(m), tokens/step
+    exposure_prefill: jax.Array  # [n] N_i * pbar_pf_i
+    exposure_decode: jax.Array  # [n] N_i * pbar_dec_i
+    stats: FitStats
+    floor_hits: jax.Array  # [] int32, positive segments at the Delta floor
+
+
+def mm_context(
+    arrays: PhaseArrays,
+    chunk_size: jax.Array,
+    min_duration_sec: jax.Array,
+    prefill_correction_mode: str,
+    weight: jax.Array | None = None,
+) -> MMContext:
+    """Precomputes the iteration-invariant quantities of an MM fit."""
+    grid = build_grid(arrays)
+    steps = phase_steps(arrays, chunk_size)
+    duration = phase_durations(arrays, min_duration_sec)
+    row_weight = arrays.valid.astype(duration.dtype)
+    if weight is not None:
+        row_weight = row_weight * weight
+    missing = missing_tokens(arrays, steps, chunk_size)
+    if prefill_correction_mode == "beta_informed":
+        fixed_correction = jnp.zeros_like(grid.length)
+    else:
+        fixed_correction = trace_only_correction(
+            grid, arrays, missing, prefill_correction_mode
+        )
+    return MMContext(
+        grid=grid,
+        arrays=arrays,
+        steps=steps,
+        duration=duration,
+        row_weight=row_weight,
+        prefill_pressure=chunk_size * grid.n_prefill,
+        decode_pressure=grid.n_decode,
+        missing=missing,
+        fixed_correction=fixed_correction,
+        # Segments inside no phase never enter a window integral; zeroing
+        # their step rate keeps the floor (lambda = 1e12 on idle gaps) out of
+        # the running sums, where it would cancel away the digits of later
+        # windows.
+        busy=(grid.n_prefill + grid.n_decode) > 0,
+    )
+
+
+def mm_step(
+    context: MMContext,
+    beta: jax.Array,
+    effective_prefill: jax.Array,
+    prefill_correction_mode: str,
+    init: jax.Array | None = None,
+) -> MMStep:
+    """One outer MM step from (beta^(m-1), ptilde^(m-1)) (SPEC section 7).
+
+    Args:
+      context: from :func:`mm_context`.
+      beta: [3] beta^(m-1).
+      effective_prefill: [S] ptilde^(m-1) (the lag of step 1).
+      prefill_correction_mode: static correction mode.
+      init: [3] NNLS warm start (default ``beta``).
+
+    Returns:
+      An :class:`MMStep`.
+    """
+    grid = context.grid
+    step_time = beta[0] + beta[1] * effective_prefill
+    step_time = step_time + beta[2] * context.decode_pressure
+    at_floor = step_time < STEP_TIME_FLOOR
+    full_step_rate = 1.0 / jnp.maximum(step_time, STEP_TIME_FLOOR)
+    step_rate = jnp.where(context.busy, full_step_rate, 0.0)
+    floor_hits = jnp.sum(at_floor & context.busy & (grid.length > 0), dtype=jnp.int32)
+
+    if prefill_correction_mode == "beta_informed":
+        correction = beta_informed_correction(
+            grid, context.arrays, context.missing, context.steps, step_rate
+        )
+    else:
+        correction = context.fixed_correction
+    new_effective_prefill = jnp.maximum(
+        context.prefill_pressure
+        - correction / jnp.maximum(full_step_rate, STEP_RATE_FLOOR),
+        0.0,
+    )
+    exposure_prefill, exposure_decode = _weighted_features(
+        grid, context.arrays, context.steps, step_rate, new_effective_prefill
+    )
+    design = jnp.stack([context.steps, exposure_prefill, exposure_decode], axis=1)
+    gram, rhs = gram_system(design, context.duration, context.row_weight)
+    solution = solve_nnls(gram, rhs, init=beta if init is None else init)
+    stats = fit_stats(
+        design, context.duration, context.row_weight, solution.beta,
+        solution.cond_scaled,
+    )  # fmt: skip
+    return MMStep(
+        fit_beta=solution.beta,
+        effective_prefill=new_effective_prefill,
+        exposure_prefill=exposure_prefill,
+        exposure_decode=exposure_decode,
+        stats=stats,
+        floor_hits=floor_hits,
+    )
+
+
+def initial_beta(
+    context: MMContext,
+    chunk_size: jax.Array,
+    min_duration_sec: jax.Array,
+    init_via_baseline_correction: str,
+) -> jax.Array:
+    """beta^(0): the baseline estimate with the init correction mode."""
+    _, _, init_prefill, init_decode = baseline_exposures(
+        context.arrays, chunk_size, min_duration_sec, init_via_baseline_correction
+    )
+    design = jnp.stack([context.steps, init_prefill, init_decode], axis=1)
+    gram, rhs = gram_system(design, context.duration, context.row_weight)
+    return solve_nnls(gram, rhs).beta
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -159,78 +298,35 @@ def fit_iterative_arrays(
     Returns:
       An :class:`IterativeFit`.
     """
-    grid = build_grid(arrays)
-    steps = phase_steps(arrays, chunk_size)
-    duration = phase_durations(arrays, min_duration_sec)
-    row_weight = arrays.valid.astype(duration.dtype)
-    if weight is not None:
-        row_weight = row_weight * weight
-    dtype = duration.dtype
-
-    # Initialisation: the baseline estimate with the init correction mode.
-    _, _, init_prefill, init_decode = baseline_exposures(
-        arrays, chunk_size, min_duration_sec, init_via_baseline_correction
+    context = mm_context(
+        arrays, chunk_size, min_duration_sec, prefill_correction_mode, weight
     )
-    init_design = jnp.stack([steps, init_prefill, init_decode], axis=1)
-    init_beta = solve_nnls(*gram_system(init_design, duration, row_weight)).beta
-
-    prefill_pressure = chunk_size * grid.n_prefill  # p_pf_full
-    decode_pressure = grid.n_decode  # p_dec
-    missing = missing_tokens(arrays, steps, chunk_size)
-    if prefill_correction_mode != "beta_informed":
-        fixed_correction = trace_only_correction(
-            grid, arrays, missing, prefill_correction_mode
-        )
-    # Segments inside no phase never enter a window integral; zeroing their
-    # step rate keeps the floor (lambda = 1e12 on idle gaps) out of the
-    # running sums, where it would cancel away the digits of later windows.
-    busy = (grid.n_prefill + grid.n_decode) > 0
+    duration = context.duration
+    dtype = duration.dtype
+    init_beta = initial_beta(
+        context, chunk_size, min_duration_sec, init_via_baseline_correction
+    )
 
     def outer_step(carry: _Carry) -> _Carry:
         beta = carry.beta
-        step_time = beta[0] + beta[1] * carry.effective_prefill
-        step_time = step_time + beta[2] * decode_pressure
-        at_floor = step_time < STEP_TIME_FLOOR
-        full_step_rate = 1.0 / jnp.maximum(step_time, STEP_TIME_FLOOR)
-        step_rate = jnp.where(busy, full_step_rate, 0.0)
-        floor_hits = jnp.sum(at_floor & busy & (grid.length > 0), dtype=jnp.int32)
-
-        if prefill_correction_mode == "beta_informed":
-            correction = beta_informed_correction(
-                grid, arrays, missing, steps, step_rate
-            )
-        else:
-            correction = fixed_correction
-        effective_prefill = jnp.maximum(
-            prefill_pressure
-            - correction / jnp.maximum(full_step_rate, STEP_RATE_FLOOR),
-            0.0,
-        )
-        exposure_prefill, exposure_decode = _weighted_features(
-            grid, arrays, steps, step_rate, effective_prefill
-        )
-        design = jnp.stack([steps, exposure_prefill, exposure_decode], axis=1)
-        solution = solve_nnls(*gram_system(design, duration, row_weight), init=beta)
-        stats = fit_stats(
-            design, duration, row_weight, solution.beta, solution.cond_scaled
-        )
-        new_beta = (1.0 - damping_eta) * beta + damping_eta * solution.beta
+        step = mm_step(context, beta, carry.effective_prefill, prefill_correction_mode)
+        new_beta = (1.0 - damping_eta) * beta + damping_eta * step.fit_beta
         delta = jnp.linalg.norm(new_beta - beta)
         m = carry.iteration
         return _Carry(
             iteration=m + 1,
             beta=new_beta,
-            effective_prefill=effective_prefill,
+            effective_prefill=step.effective_prefill,
             delta=delta,
             finite=jnp.all(jnp.isfinite(new_beta)),
             history_beta=carry.history_beta.at[m + 1].set(new_beta),
             history_delta=carry.history_delta.at[m].set(delta),
-            history_r2=carry.history_r2.at[m].set(stats.r2),
-            history_rmse=carry.history_rmse.at[m].set(stats.rmse_seconds),
-            floor_hits=carry.floor_hits.at[m].set(floor_hits),
-            exposure_prefill=exposure_prefill,
-            exposure_decode=exposure_decode,
-            stats=stats,
+            history_r2=carry.history_r2.at[m].set(step.stats.r2),
+            history_rmse=carry.history_rmse.at[m].set(step.stats.rmse_seconds),
+            floor_hits=carry.floor_hits.at[m].set(step.floor_hits),
+            exposure_prefill=step.exposure_prefill,
+            exposure_decode=step.exposure_decode,
+            stats=step.stats,
         )
 
     def keep_going(carry: _Carry) -> jax.Array:
@@ -242,7 +338,7 @@ def fit_iterative_arrays(
     initial = _Carry(
         iteration=jnp.array(0, dtype=jnp.int32),
         beta=init_beta,
-        effective_prefill=prefill_pressure,
+        effective_prefill=context.prefill_pressure,
         delta=jnp.array(jnp.inf, dtype=dtype),
         finite=jnp.all(jnp.isfinite(init_beta)),
         history_beta=jnp.full((max_outer_iters + 1, 3), nan).at[0].set(init_beta),
@@ -283,7 +379,7 @@ def fit_iterative_arrays(
         history_delta=final.history_delta,
         history_r2=final.history_r2,
         history_rmse=final.history_rmse,
-        steps=steps,
+        steps=context.steps,
         duration=duration,
         exposure_prefill=final.exposure_prefill,
         exposure_decode=final.exposure_decode,
