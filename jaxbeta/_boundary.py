@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 _MAX_SHOWN = 5
-MIN_BUCKET = 16
+MIN_BUCKET = 64
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxbeta._arrays import PhaseArrays
-from jaxbeta._grid import Grid, prefix_integral, prefix_sum
+from jaxbeta._grid import (
+    Grid,
+    add_double_double,
+    prefix_integral_compensated,
+    prefix_sum,
+)
 
 __all__ = [
     "TRACE_ONLY_MODES",
@@ -96,6 +101,37 @@ def trace_only_correction(
     )
 
 
+def _search_double_double(
+    high: jax.Array, low: jax.Array, query: tuple[jax.Array, jax.Array]
+) -> jax.Array:
+    """Lower bound: the first k with (high[k], low[k]) >= query, or len(high).
+
+    ``high + low`` must be non-decreasing and each pair normalised
+    (|low| <= ulp(high) / 2), so pairs compare lexicographically. Vectorised
+    over the queries; ceil(log2(M + 1)) halving steps.
+    """
+    size = high.shape[0]
+    query_high, query_low = query
+    lower = jnp.zeros(query_high.shape, dtype=jnp.int32)
+    upper = jnp.full(query_high.shape, size, dtype=jnp.int32)
+
+    def halve(_, bounds):
+        lower, upper = bounds
+        open_ = lower < upper
+        middle = (lower + upper) // 2
+        at = jnp.minimum(middle, size - 1)
+        value_high, value_low = high[at], low[at]
+        at_least = (value_high > query_high) | (
+            (value_high == query_high) & (value_low >= query_low)
+        )
+        upper = jnp.where(open_ & at_least, middle, upper)
+        lower = jnp.where(open_ & ~at_least, middle + 1, lower)
+        return lower, upper
+
+    lower, _ = jax.lax.fori_loop(0, int(size).bit_length(), halve, (lower, upper))
+    return lower
+
+
 def beta_informed_correction(
     grid: Grid,
     arrays: PhaseArrays,
@@ -126,21 +162,30 @@ def beta_informed_correction(
       [S] correction rate c[j], tokens per second.
     """
     n_segments = grid.length.shape[0]
-    running = prefix_integral(grid, step_rate)  # [M], steps
+    # Double-double running integral of lambda: steps accumulated before a
+    # request's window can exceed its own by 1e12 (floor segments), so
+    # every difference below is taken on both parts.
+    high, low = prefix_integral_compensated(grid, step_rate)  # [M], steps
     start, end = arrays.start_rank, arrays.end_rank
-    window_steps = running[end] - running[start]  # L
+
+    def steps_between(first, last):
+        return (high[last] - high[first]) + (low[last] - low[first])
+
+    window_steps = steps_between(start, end)  # L
     safe_steps = jnp.where(steps > 0, steps, 1.0)
     target = jnp.clip(window_steps - window_steps / safe_steps, 0.0, window_steps)
+    threshold = target - _REACH_SLACK
 
-    # First grid index k in (start, end] with running[k] >= running[start] +
-    # target - slack: the walk reaches the target inside segment k - 1.
-    query = running[start] + (target - _REACH_SLACK)
-    first = jnp.searchsorted(running, query, side="left")
+    # First grid index k in (start, end] whose accumulated steps from t_rs
+    # reach the threshold: the walk stops inside segment k - 1. Binary search
+    # on the double-double running integral (non-decreasing).
+    query = add_double_double((high[start], low[start]), (threshold, 0.0))
+    first = _search_double_double(high, low, query)
     first = jnp.maximum(first, start + 1)
     reached = first <= end
     segment = jnp.clip(first - 1, 0, n_segments - 1)
     seg_rate = step_rate[segment]
-    accumulated = running[segment] - running[start]
+    accumulated = steps_between(start, segment)
     remaining = jnp.maximum(target - accumulated, 0.0)
     safe_rate = jnp.where(seg_rate > 0, seg_rate, 1.0)
     t_star = jnp.clip(
@@ -150,7 +195,7 @@ def beta_informed_correction(
 
     # Mass W of lambda over [t*, t_re): the partial segment plus full ones.
     partial = jnp.maximum(grid.points[segment + 1] - t_star, 0.0)
-    tail_steps = running[end] - running[segment + 1] + seg_rate * partial
+    tail_steps = steps_between(segment + 1, end) + seg_rate * partial
     active = (
         (missing > 0)
         & (steps > 0)

@@ -26,9 +26,9 @@ from jaxbeta._grid import (
     Grid,
     build_grid,
     phase_durations,
-    phase_integral,
+    phase_integral_compensated,
     phase_steps,
-    prefix_integral,
+    prefix_integral_compensated,
 )
 from jaxbeta._nnls import gram_system, solve_nnls
 
@@ -103,14 +103,22 @@ def _weighted_features(
     step_rate: jax.Array,
     effective_prefill: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """Step-averaged exposures N_i * pbar_pf_i and N_i * pbar_dec_i (step 4)."""
-    window_steps = phase_integral(arrays, prefix_integral(grid, step_rate))
-    prefill_mass = phase_integral(
-        arrays, prefix_integral(grid, effective_prefill * step_rate)
-    )
-    decode_mass = phase_integral(
-        arrays, prefix_integral(grid, grid.n_decode * step_rate)
-    )
+    """Step-averaged exposures N_i * pbar_pf_i and N_i * pbar_dec_i (step 4).
+
+    Window integrals come from compensated (double-double) running sums: a
+    segment at the step-time floor adds ~1e12 steps/s x its length to the
+    running sum, and plain float64 differences of later windows would lose
+    up to 1e-6 of their value (the reference does; see the parity README).
+    """
+
+    def window(rate):
+        return phase_integral_compensated(
+            arrays, prefix_integral_compensated(grid, rate)
+        )
+
+    window_steps = window(step_rate)
+    prefill_mass = window(effective_prefill * step_rate)
+    decode_mass = window(grid.n_decode * step_rate)
     positive = window_steps > 0
     safe = jnp.where(positive, window_steps, 1.0)
     mean_prefill = jnp.where(positive, prefill_mass / safe, 0.0)
