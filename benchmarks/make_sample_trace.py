@@ -30,11 +30,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TRACE_PATH = REPO_ROOT / "jaxbeta" / "data" / "sample_trace.csv"
 
-try:
-    from jaxbeta._simulate import SimulationResult, simulate
-except ModuleNotFoundError:  # run from a checkout without installing jaxbeta
-    sys.path.insert(0, str(REPO_ROOT))
-    from jaxbeta._simulate import SimulationResult, simulate
+# Use the jaxbeta of this checkout, even if another copy is installed.
+sys.path.insert(0, str(REPO_ROOT))
+from jaxbeta._simulate import SimulationResult, simulate  # noqa: E402
 
 
 def make_sample_trace() -> SimulationResult:
