@@ -536,10 +536,11 @@ def write_otlp_spans(
             )
         slots[k] = row
 
-    t_start = phases["t_start"].to_numpy(dtype=np.float64)
-    t_end = phases["t_end"].to_numpy(dtype=np.float64)
-    pf_tok = phases["prefill_tokens"].to_numpy()
-    dec_tok = phases["decode_tokens"].to_numpy()
+    # Plain Python floats and ints from here on (exact repr in messages).
+    t_start = phases["t_start"].to_numpy(dtype=np.float64).tolist()
+    t_end = phases["t_end"].to_numpy(dtype=np.float64).tolist()
+    pf_tok = phases["prefill_tokens"].tolist()
+    dec_tok = phases["decode_tokens"].tolist()
 
     spans = []
     for i, (rid, slots) in enumerate(by_request.items()):
