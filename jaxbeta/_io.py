@@ -70,6 +70,10 @@ _ATTR_DECODE = "gen_ai.latency.time_in_model_decode"
 _ATTR_QUEUE = "gen_ai.latency.time_in_queue"
 _ATTR_E2E = "gen_ai.latency.e2e"
 
+# Any of these in a single JSON object marks vllm bench serve results (so a
+# file missing one of them still gets the bench reader's precise error).
+_BENCH_KEYS = {"ttfts", "itls", "input_lens", "output_lens", "start_times"}
+
 _MAX_LISTED = 5  # how many offending rows/values an error message shows
 
 
@@ -119,7 +123,9 @@ def read_trace(
       on prefill rows (read as 0).
     * ``"auto"``: by extension (``.csv``; ``.parquet``/``.pq``; ``.json``,
       ``.jsonl``, ``.ndjson``) and, for JSON, by content: ``resourceSpans``
-      means OTLP, ``ttfts`` means vllm-bench, row objects mean a phase table.
+      means OTLP; one object with ``ttfts`` (or another of the bench lists)
+      means vllm-bench; a list of row objects, or one object per line, means
+      a phase table.
 
     Args:
       path: file to read.
@@ -243,7 +249,7 @@ def _format_from_content(docs: list[tuple[int | None, Any]], path: Path) -> str:
     first = docs[0][1]
     if isinstance(first, dict) and "resourceSpans" in first:
         return "otlp"
-    if len(docs) == 1 and isinstance(first, dict) and "ttfts" in first:
+    if len(docs) == 1 and isinstance(first, dict) and _BENCH_KEYS & set(first):
         return "vllm-bench"
     if len(docs) == 1 and isinstance(first, list):
         return "json"
@@ -252,7 +258,7 @@ def _format_from_content(docs: list[tuple[int | None, Any]], path: Path) -> str:
     raise ValueError(
         f"{path}: cannot tell what this JSON holds (expected an OTLP object "
         f"with 'resourceSpans', vllm bench serve results with 'ttfts', or "
-        f"phase-table rows); pass format= explicitly"
+        f"phase-table row objects); pass format= explicitly"
     )
 
 

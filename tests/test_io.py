@@ -255,14 +255,15 @@ def test_vllm_bench_mismatched_lengths_names_the_list():
         _quiet_read(FIXTURES / "bench_mismatched_lengths.json")
 
 
-@pytest.mark.parametrize("key", ["start_times", "output_lens"])
-def test_vllm_bench_missing_key(tmp_path, key):
+@pytest.mark.parametrize("key", ["start_times", "output_lens", "ttfts"])
+@pytest.mark.parametrize("fmt", ["vllm-bench", "auto"])
+def test_vllm_bench_missing_key(tmp_path, key, fmt):
     doc = json.loads((FIXTURES / "bench_serve.json").read_text())
     del doc[key]
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=rf"bench\.json.*lack key\(s\) '{key}'"):
-        read_trace(path, format="vllm-bench")
+        read_trace(path, format=fmt)
 
 
 def test_vllm_bench_without_any_latency_source(tmp_path):
