@@ -319,6 +319,7 @@ def test_jsonl_and_json_rows():
 
 
 def test_parquet_integer_nanoseconds_keep_precision(tmp_path):
+    pytest.importorskip("pyarrow")
     base = 1_700_000_000_000_000_000
     raw = _worked_example().assign(
         t_start=base + np.array([0, 2, 1, 3], dtype=np.int64) * 10**9 + 7,
@@ -336,6 +337,7 @@ def test_parquet_integer_nanoseconds_keep_precision(tmp_path):
 
 
 def test_parquet_datetime_columns(tmp_path):
+    pytest.importorskip("pyarrow")
     raw = _worked_example()
     origin = pd.Timestamp("2024-01-01T00:00:00", tz="UTC")
     raw["t_start"] = origin + pd.to_timedelta(raw["t_start"], unit="s")
