@@ -89,15 +89,51 @@ def run_estimator(args: argparse.Namespace, phases, chunk_size: float):
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from jaxbeta._boundary import load_table
+    from jaxbeta._io import read_trace
     from jaxbeta._report import format_result
 
     if args.chunk_size is None:
         raise _UsageError("--chunk-size is required")
-    phases = load_table(args.path)
+    phases = read_trace(args.path, format=args.format, time_unit=args.time_unit)
     result = run_estimator(args, phases, args.chunk_size)
     print(format_result(result))
+    if args.json:
+        from jaxbeta._export import write_json
+
+        write_json(result, args.json, phases=phases)
+        print(f"wrote {args.json}")
+    if args.yaml:
+        from jaxbeta._export import write_yaml
+
+        write_yaml(result, args.yaml, phases=phases)
+        print(f"wrote {args.yaml}")
+    if args.blis:
+        from jaxbeta._export import blis_cli_args, write_blis
+
+        alphas = tuple(float(a) for a in args.alpha_coeffs.split(","))
+        write_blis(
+            result,
+            args.blis,
+            model_id=args.model_id,
+            gpu=args.gpu,
+            tensor_parallelism=args.tensor_parallelism,
+            vllm_version=args.vllm_version,
+            alpha_coeffs=alphas,
+        )
+        print(f"wrote {args.blis}")
+        print("BLIS flags: " + blis_cli_args(result, alpha_coeffs=alphas))
+    if args.plot:
+        from jaxbeta._plot import plot_fit
+
+        plot_fit(result, phases, path=args.plot)
+        print(f"wrote {args.plot}")
     return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from jaxbeta._simulate import run_simulate
+
+    return run_simulate(args)
 
 
 class _UsageError(Exception):
@@ -117,9 +153,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit one trace",
         description="Fit one phase trace and print betas and diagnostics.",
     )
-    fit.add_argument("path", help="phase table (CSV or Parquet)")
+    fit.add_argument(
+        "path",
+        help="trace file: phase table (CSV, Parquet, JSONL), vLLM OTLP spans "
+        "(JSON/JSONL) or vllm bench serve results (JSON)",
+    )
+    fit.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "csv", "parquet", "jsonl", "json", "otlp", "vllm-bench"),
+        help="input format (default: from the extension and content)",
+    )
+    fit.add_argument(
+        "--time-unit",
+        default="s",
+        choices=("s", "ms", "us", "ns"),
+        help="unit of t_start/t_end in phase tables (default s)",
+    )
     add_estimator_arguments(fit)
+    exports = fit.add_argument_group("exports")
+    exports.add_argument("--json", metavar="OUT", help="write the fit record (JSON)")
+    exports.add_argument("--yaml", metavar="OUT", help="write the fit record (YAML)")
+    exports.add_argument(
+        "--blis", metavar="OUT", help="write a BLIS blackbox model entry (YAML)"
+    )
+    exports.add_argument("--model-id", default="jaxbeta-fit", help="BLIS model id")
+    exports.add_argument("--gpu", default="H100", help="BLIS GPU name")
+    exports.add_argument(
+        "--tensor-parallelism", type=int, default=1, help="BLIS tensor parallelism"
+    )
+    exports.add_argument("--vllm-version", default="", help="BLIS vLLM version")
+    exports.add_argument(
+        "--alpha-coeffs",
+        default="0,0,0",
+        help="BLIS alpha coefficients (not estimated here), comma-separated",
+    )
+    exports.add_argument("--plot", metavar="OUT", help="write a diagnostic PNG")
     fit.set_defaults(handler=_cmd_fit)
+
+    from jaxbeta._simulate import add_simulate_arguments
+
+    sim = commands.add_parser(
+        "simulate",
+        help="simulate a ground-truth trace",
+        description="Simulate a continuous-batching engine with known betas "
+        "and write its phase table.",
+    )
+    add_simulate_arguments(sim)
+    sim.set_defaults(handler=_cmd_simulate)
     return parser
 
 
