@@ -111,14 +111,12 @@ def _weighted_features(
     up to 1e-6 of their value (the reference does; see the parity README).
     """
 
-    def window(rate):
-        return phase_integral_compensated(
-            arrays, prefix_integral_compensated(grid, rate)
-        )
-
-    window_steps = window(step_rate)
-    prefill_mass = window(effective_prefill * step_rate)
-    decode_mass = window(grid.n_decode * step_rate)
+    rates = jnp.stack(
+        [step_rate, effective_prefill * step_rate, grid.n_decode * step_rate]
+    )
+    window_steps, prefill_mass, decode_mass = phase_integral_compensated(
+        arrays, prefix_integral_compensated(grid, rates)
+    )
     positive = window_steps > 0
     safe = jnp.where(positive, window_steps, 1.0)
     mean_prefill = jnp.where(positive, prefill_mass / safe, 0.0)
