@@ -197,11 +197,16 @@ def prepare_trace(
         raise ValueError("the phase table is empty")
     everywhere = np.ones(n, dtype=bool)
 
-    # Phase types, case-insensitive.
+    # Phase types, case-insensitive: lower-case the distinct values only.
     kind = table[columns.phase_type]
-    kind_text = kind.astype("string").str.lower().str.strip()
-    is_prefill = (kind_text == "prefill").fillna(False).to_numpy(dtype=bool)
-    is_decode = (kind_text == "decode").fillna(False).to_numpy(dtype=bool)
+    codes, distinct = pd.factorize(kind, use_na_sentinel=True)
+    lowered = np.array(
+        [v.lower() if isinstance(v, str) else None for v in distinct], dtype=object
+    )
+    is_prefill_code = np.append(lowered == "prefill", False)  # code -1: missing
+    is_decode_code = np.append(lowered == "decode", False)
+    is_prefill = is_prefill_code[codes]
+    is_decode = is_decode_code[codes]
     bad_kind = ~(is_prefill | is_decode)
     if bad_kind.any():
         values = sorted({repr(v) for v in kind[bad_kind].unique()})[:10]
@@ -304,8 +309,8 @@ def prepare_trace(
 
     # At most one prefill row per request.
     prefill_ids = ids[is_prefill]
-    repeated = prefill_ids.duplicated(keep=False)
-    if repeated.any():
+    if not prefill_ids.is_unique:
+        repeated = prefill_ids.duplicated(keep=False)
         examples = list(pd.unique(prefill_ids[repeated]))
         shown = ", ".join(repr(x) for x in examples[:10])
         more = f" (and {len(examples) - 10} more)" if len(examples) > 10 else ""
