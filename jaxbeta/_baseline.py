@@ -101,9 +101,10 @@ def baseline_exposures(
     missing = missing_tokens(arrays, steps, chunk_size)
     correction = trace_only_correction(grid, arrays, missing, correction_mode)
 
-    prefill_integral = phase_integral(arrays, prefix_integral(grid, prefill_pressure))
-    decode_integral = phase_integral(arrays, prefix_integral(grid, decode_pressure))
-    correction_integral = phase_integral(arrays, prefix_integral(grid, correction))
+    signals = jnp.stack([prefill_pressure, decode_pressure, correction])
+    prefill_integral, decode_integral, correction_integral = phase_integral(
+        arrays, prefix_integral(grid, signals)
+    )
 
     valid = arrays.valid
     exposure_prefill = step_rate_hat * prefill_integral - correction_integral

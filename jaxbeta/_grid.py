@@ -145,11 +145,14 @@ def build_grid(arrays: PhaseArrays) -> Grid:
     points = jnp.concatenate([arrays.t_start, arrays.t_end])[order]
     prefill = (arrays.valid & arrays.is_prefill).astype(points.dtype)
     decode = (arrays.valid & ~arrays.is_prefill).astype(points.dtype)
-    prefill_events = jnp.concatenate([prefill, -prefill])[order]
-    decode_events = jnp.concatenate([decode, -decode])[order]
+    events = jnp.stack(
+        [
+            jnp.concatenate([prefill, -prefill])[order],
+            jnp.concatenate([decode, -decode])[order],
+        ]
+    )
     # Counts are small integers: any summation order is exact.
-    n_prefill = prefix_sum(prefill_events)[:-1]
-    n_decode = prefix_sum(decode_events)[:-1]
+    n_prefill, n_decode = prefix_sum(events)[:, :-1]
     return Grid(
         points=points,
         length=points[1:] - points[:-1],
@@ -163,14 +166,15 @@ def prefix_integral(grid: Grid, rate: jax.Array) -> jax.Array:
 
     Args:
       grid: the trace's grid.
-      rate: [S] value of the signal on each segment (per second).
+      rate: [..., S] value of the signal(s) on each segment (per second);
+        leading axes are batched.
 
     Returns:
-      [M] ``I[k] = sum_{j < k} rate[j] * length[j]``, with ``I[0] = 0``.
+      [..., M] ``I[k] = sum_{j < k} rate[j] * length[j]``, with ``I[0] = 0``.
     """
     mass = rate * grid.length
-    zero = jnp.zeros((1,), dtype=mass.dtype)
-    return jnp.concatenate([zero, prefix_sum(mass)])
+    zero = jnp.zeros(mass.shape[:-1] + (1,), dtype=mass.dtype)
+    return jnp.concatenate([zero, prefix_sum(mass)], axis=-1)
 
 
 def prefix_integral_compensated(
@@ -211,9 +215,9 @@ def phase_integral(arrays: PhaseArrays, running: jax.Array) -> jax.Array:
 
     Args:
       arrays: the trace.
-      running: [M] output of :func:`prefix_integral`.
+      running: [..., M] output of :func:`prefix_integral`.
 
     Returns:
-      [n] window integrals (0 on padding rows, whose windows are empty).
+      [..., n] window integrals (0 on padding rows, whose windows are empty).
     """
-    return running[arrays.end_rank] - running[arrays.start_rank]
+    return running[..., arrays.end_rank] - running[..., arrays.start_rank]
