@@ -101,9 +101,9 @@ def baseline_exposures(
     missing = missing_tokens(arrays, steps, chunk_size)
     correction = trace_only_correction(grid, arrays, missing, correction_mode)
 
-    signals = jnp.stack([prefill_pressure, decode_pressure, correction])
-    prefill_integral, decode_integral, correction_integral = phase_integral(
-        arrays, prefix_integral(grid, signals)
+    prefill_integral, decode_integral, correction_integral = (
+        phase_integral(arrays, prefix_integral(grid, signal))
+        for signal in (prefill_pressure, decode_pressure, correction)
     )
 
     valid = arrays.valid

@@ -145,14 +145,11 @@ def build_grid(arrays: PhaseArrays) -> Grid:
     points = jnp.concatenate([arrays.t_start, arrays.t_end])[order]
     prefill = (arrays.valid & arrays.is_prefill).astype(points.dtype)
     decode = (arrays.valid & ~arrays.is_prefill).astype(points.dtype)
-    events = jnp.stack(
-        [
-            jnp.concatenate([prefill, -prefill])[order],
-            jnp.concatenate([decode, -decode])[order],
-        ]
-    )
-    # Counts are small integers: any summation order is exact.
-    n_prefill, n_decode = prefix_sum(events)[:, :-1]
+    # Counts are small integers: any summation order is exact. (Each signal
+    # is summed as its own 1-D array: XLA's CPU cumsum of stacked [k, M]
+    # arrays measured several times slower than k separate 1-D passes.)
+    n_prefill = prefix_sum(jnp.concatenate([prefill, -prefill])[order])[:-1]
+    n_decode = prefix_sum(jnp.concatenate([decode, -decode])[order])[:-1]
     return Grid(
         points=points,
         length=points[1:] - points[:-1],

@@ -111,11 +111,13 @@ def _weighted_features(
     up to 1e-6 of their value (the reference does; see the parity README).
     """
 
-    rates = jnp.stack(
-        [step_rate, effective_prefill * step_rate, grid.n_decode * step_rate]
-    )
-    window_steps, prefill_mass, decode_mass = phase_integral_compensated(
-        arrays, prefix_integral_compensated(grid, rates)
+    window_steps, prefill_mass, decode_mass = (
+        phase_integral_compensated(arrays, prefix_integral_compensated(grid, rate))
+        for rate in (
+            step_rate,
+            effective_prefill * step_rate,
+            grid.n_decode * step_rate,
+        )
     )
     positive = window_steps > 0
     safe = jnp.where(positive, window_steps, 1.0)
