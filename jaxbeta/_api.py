@@ -33,9 +33,11 @@ from jaxbeta._precision import precision_context, resolve_dtype
 from jaxbeta._results import BaselineResult, IterativeResult
 
 __all__ = [
+    "baseline_result",
     "estimate_betas_baseline",
     "estimate_betas_iterative",
     "identifiability_warnings",
+    "iterative_result",
 ]
 
 COND_WARN = 1e8
@@ -154,11 +156,38 @@ def estimate_betas_baseline(
             correction_mode=correction_mode,
         )
         fit = jax.device_get(fit)
+    settings = {
+        "min_duration_sec": min_duration,
+        "correction_mode": correction_mode,
+        "dtype": np_dtype.name,
+    }
+    return baseline_result(fit, prepared, chunk, settings)
+
+
+def _row_columns(fit, n: int) -> tuple[np.ndarray, ...]:
+    """(N_i, T_i, prefill exposure, decode exposure) of the real rows, float64."""
+    return tuple(
+        np.asarray(values[:n], dtype=np.float64)
+        for values in (
+            fit.steps,
+            fit.duration,
+            fit.exposure_prefill,
+            fit.exposure_decode,
+        )
+    )
+
+
+def _warn_if_ill_conditioned(cond: float, notes: list[str]) -> None:
+    if cond > COND_WARN or not np.isfinite(cond):
+        warnings.warn(notes[-1], UserWarning, stacklevel=3)
+
+
+def baseline_result(
+    fit, prepared: PreparedTrace, chunk: float, settings: dict[str, Any]
+) -> BaselineResult:
+    """Converts a host copy of a ``BaselineFit`` to the public record."""
     n = prepared.n_phases
-    steps = np.asarray(fit.steps[:n], dtype=np.float64)
-    duration = np.asarray(fit.duration[:n], dtype=np.float64)
-    exposure_prefill = np.asarray(fit.exposure_prefill[:n], dtype=np.float64)
-    exposure_decode = np.asarray(fit.exposure_decode[:n], dtype=np.float64)
+    steps, duration, exposure_prefill, exposure_decode = _row_columns(fit, n)
     _check_finite_features(
         prepared,
         {
@@ -186,8 +215,7 @@ def estimate_betas_baseline(
         "cond_scaled": cond,
         "warnings": notes,
     }
-    if cond > COND_WARN or not np.isfinite(cond):
-        warnings.warn(notes[-1], UserWarning, stacklevel=2)
+    _warn_if_ill_conditioned(cond, notes)
     features = pd.DataFrame(
         {
             "N_i": steps,
@@ -204,11 +232,7 @@ def estimate_betas_baseline(
         diagnostics=diagnostics,
         features=features,
         chunk_size=chunk,
-        settings={
-            "min_duration_sec": min_duration,
-            "correction_mode": correction_mode,
-            "dtype": np_dtype.name,
-        },
+        settings=settings,
     )
 
 
@@ -320,10 +344,7 @@ def iterative_result(
     """Converts a host copy of an :class:`IterativeFit` to the public record."""
     n = prepared.n_phases
     m = int(fit.n_outer_iters)
-    steps = np.asarray(fit.steps[:n], dtype=np.float64)
-    duration = np.asarray(fit.duration[:n], dtype=np.float64)
-    exposure_prefill = np.asarray(fit.exposure_prefill[:n], dtype=np.float64)
-    exposure_decode = np.asarray(fit.exposure_decode[:n], dtype=np.float64)
+    steps, duration, exposure_prefill, exposure_decode = _row_columns(fit, n)
     _check_finite_features(
         prepared,
         {"N_i": steps, "T_i": duration, "lambda_hat_i": steps / duration},
@@ -376,6 +397,7 @@ def iterative_result(
         "cond_scaled": cond,
         "warnings": notes,
     }
+    _warn_if_ill_conditioned(cond, notes)
     features = pd.DataFrame(
         {
             "N_i": steps,
