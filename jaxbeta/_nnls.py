@@ -92,7 +92,14 @@ def solve_nnls(
     diag = jnp.diagonal(gram)
     scale = jnp.where(diag > 0, jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 1.0)
     gram_s = gram / (scale[:, None] * scale[None, :])
-    rhs_s = rhs / scale
+    # An all-zero column carries no information: give it a unit diagonal so
+    # that it neither enters the condition number nor moves (its optimum is
+    # 0 either way, since its rhs entry is 0 too).
+    nonzero = diag > 0
+    gram_s = jnp.where(
+        nonzero[:, None] & nonzero[None, :], gram_s, jnp.eye(size, dtype=dtype)
+    )
+    rhs_s = jnp.where(nonzero, rhs / scale, 0.0)
     eigenvalues = jnp.linalg.eigvalsh(gram_s)
     cond_scaled = eigenvalues[-1] / jnp.maximum(eigenvalues[0], 0.0)
 
