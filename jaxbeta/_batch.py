@@ -53,6 +53,7 @@ from jaxbeta._boundary import (
     PreparedTrace,
     check_chunk_size,
     check_min_duration,
+    columns_from_kwargs,
     load_table,
     prepare_trace,
 )
@@ -301,15 +302,7 @@ class _Settings:
 def _validated_settings(algo: str, merged: Mapping[str, Any]) -> _Settings:
     """Checks the estimator keywords like ``estimate_betas_*`` do."""
     dtype = resolve_dtype(merged["dtype"])
-    columns = ColumnNames(
-        request_id=merged["request_id_col"],
-        phase_type=merged["phase_type_col"],
-        t_start=merged["t_start_col"],
-        t_end=merged["t_end_col"],
-        prefill_tokens=merged["prefill_tokens_col"],
-        decode_tokens=merged["decode_tokens_col"],
-        n_steps=merged["n_steps_col"],
-    )
+    columns = columns_from_kwargs(merged)
     kwargs = dict(merged)
     if algo == "baseline":
         mode = check_mode(
