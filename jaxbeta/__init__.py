@@ -7,12 +7,14 @@ Public API (see README.md):
   (drop-ins for the reference's entry points);
 - array level: :func:`prepare_trace`, :func:`fit_baseline_arrays`,
   :func:`fit_iterative_arrays` (pure, jit-ed, vmap-able);
+- many traces: :func:`fit_many`, :func:`sweep`, :func:`best_chunk_size`;
 - data: :func:`read_trace`, :func:`simulate`, exports to JSON/YAML/BLIS.
 """
 
 from jaxbeta._api import estimate_betas_baseline, estimate_betas_iterative
 from jaxbeta._arrays import PhaseArrays
 from jaxbeta._baseline import BaselineFit, fit_baseline_arrays
+from jaxbeta._batch import ChunkSizeChoice, best_chunk_size, fit_many, sweep
 from jaxbeta._boundary import ColumnNames, PreparedTrace, bucket_size, prepare_trace
 from jaxbeta._export import (
     blis_cli_args,
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BaselineFit",
     "BaselineResult",
+    "ChunkSizeChoice",
     "ColumnNames",
     "IterativeFit",
     "IterativeResult",
@@ -42,17 +45,20 @@ __all__ = [
     "SimulationResult",
     "StopReason",
     "__version__",
+    "best_chunk_size",
     "blis_cli_args",
     "bucket_size",
     "estimate_betas_baseline",
     "estimate_betas_iterative",
     "fit_baseline_arrays",
+    "fit_many",
     "fit_iterative_arrays",
     "float64",
     "plot_fit",
     "prepare_trace",
     "read_trace",
     "simulate",
+    "sweep",
     "to_blis",
     "to_record",
     "write_blis",

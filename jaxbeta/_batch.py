@@ -955,16 +955,9 @@ def run_fit_many(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".csv", ".parquet", ".pq"):
         raise ValueError(f"--out must end in .csv or .parquet, got {str(out)!r}")
-    if args.algo == "baseline":
-        options = {"correction_mode": args.correction_mode or "end"}
-    else:
-        options = {
-            "prefill_correction_mode": args.correction_mode or "beta_informed",
-            "max_outer_iters": args.max_outer_iters,
-            "tol": args.tol,
-            "damping_eta": args.damping_eta,
-            "init_via_baseline_correction": args.init_via_baseline_correction,
-        }
+    from jaxbeta.cli import estimator_options
+
+    options = estimator_options(args)
     results = fit_many(
         args.path,
         chunk_size=args.chunk_size,

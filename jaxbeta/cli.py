@@ -11,7 +11,13 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 
-__all__ = ["add_estimator_arguments", "main", "run_estimator", "sample_trace_path"]
+__all__ = [
+    "add_estimator_arguments",
+    "estimator_options",
+    "main",
+    "run_estimator",
+    "sample_trace_path",
+]
 
 SAMPLE_CHUNK_SIZE = 256
 
@@ -65,26 +71,31 @@ def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def estimator_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of the estimator that ``args.algo`` selects."""
+    if args.algo == "baseline":
+        return {"correction_mode": args.correction_mode or "end"}
+    return {
+        "prefill_correction_mode": args.correction_mode or "beta_informed",
+        "max_outer_iters": args.max_outer_iters,
+        "tol": args.tol,
+        "damping_eta": args.damping_eta,
+        "init_via_baseline_correction": args.init_via_baseline_correction,
+    }
+
+
 def run_estimator(args: argparse.Namespace, phases, chunk_size: float):
     """Runs the estimator that ``args`` select on ``phases``."""
     from jaxbeta import estimate_betas_baseline, estimate_betas_iterative
 
-    if args.algo == "baseline":
-        return estimate_betas_baseline(
-            phases,
-            chunk_size=chunk_size,
-            min_duration_sec=args.min_duration_sec,
-            correction_mode=args.correction_mode or "end",
-        )
-    return estimate_betas_iterative(
+    estimator = (
+        estimate_betas_baseline if args.algo == "baseline" else estimate_betas_iterative
+    )
+    return estimator(
         phases,
         chunk_size=chunk_size,
         min_duration_sec=args.min_duration_sec,
-        prefill_correction_mode=args.correction_mode or "beta_informed",
-        max_outer_iters=args.max_outer_iters,
-        tol=args.tol,
-        damping_eta=args.damping_eta,
-        init_via_baseline_correction=args.init_via_baseline_correction,
+        **estimator_options(args),
     )
 
 
@@ -128,6 +139,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         plot_fit(result, phases, path=args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _cmd_fit_many(args: argparse.Namespace) -> int:
+    from jaxbeta._batch import run_fit_many
+
+    return run_fit_many(args)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -190,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exports.add_argument("--plot", metavar="OUT", help="write a diagnostic PNG")
     fit.set_defaults(handler=_cmd_fit)
+
+    from jaxbeta._batch import add_fit_many_arguments
+
+    many = commands.add_parser(
+        "fit-many",
+        help="fit many traces in batched, vmapped calls",
+        description="Fit every trace in a directory (or one long table with a "
+        "trace-id column), one compiled vmapped program per size bucket.",
+    )
+    add_fit_many_arguments(many)
+    many.set_defaults(handler=_cmd_fit_many)
 
     from jaxbeta._simulate import add_simulate_arguments
 
