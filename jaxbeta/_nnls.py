@@ -39,7 +39,10 @@ with warnings.catch_warnings():
 
 __all__ = ["NNLSSolution", "gram_system", "solve_nnls"]
 
-PG_MAXITER = 2000
+# Projected-gradient budget: rounds of PG_ROUND_ITERS iterations, at most
+# PG_MAX_ROUNDS of them (2048 iterations in all).
+PG_ROUND_ITERS = 64
+PG_MAX_ROUNDS = 32
 PG_TOL = 1e-13
 
 
@@ -107,42 +110,93 @@ def solve_nnls(
         z0 = jnp.zeros(size, dtype=dtype)
     else:
         z0 = jnp.maximum(jnp.where(jnp.isfinite(init), init, 0.0), 0.0) * scale
+
+    # The solver and the support search see constants only; every derivative
+    # is taken through the polish below.
+    gram_c = jax.lax.stop_gradient(gram_s)
+    rhs_c = jax.lax.stop_gradient(rhs_s)
     solver = jaxopt.ProjectedGradient(
         fun=_quadratic,
         projection=projection_non_negative,
         # A unit-diagonal PSD matrix has largest eigenvalue <= trace = size,
         # so 1 / size is a safe static step (jaxopt needs a Python float).
         stepsize=1.0 / size,
-        maxiter=PG_MAXITER,
+        maxiter=PG_ROUND_ITERS,
         tol=PG_TOL,
         acceleration=True,
+        implicit_diff=False,
     )
-    z_pg, state = solver.run(z0, hyperparams_proj=None, gram=gram_s, rhs=rhs_s)
 
-    # Polish on the support found by projected gradient.
-    support = jax.lax.stop_gradient(z_pg > 0)
-    both = support[:, None] & support[None, :]
-    eye = jnp.eye(size, dtype=dtype)
-    reduced = jnp.where(both, gram_s, eye)
-    reduced_rhs = jnp.where(support, rhs_s, 0.0)
-    z_exact = jnp.linalg.solve(jax.lax.stop_gradient(reduced), reduced_rhs)
-    gradient = gram_s @ z_exact - rhs_s
-    # Optimality (KKT) of the polished point, with a rounding allowance.
-    slack = 1e3 * jnp.finfo(dtype).eps * (1.0 + jnp.max(jnp.abs(rhs_s)))
-    accepted = (
-        jnp.all(jnp.isfinite(z_exact))
-        & jnp.all(jnp.where(support, z_exact > 0, True))
-        & jnp.all(jnp.where(support, True, gradient >= -slack))
+    def polish_is_optimal(z_pg):
+        return _polish(z_pg > 0, gram_c, rhs_c)[1]
+
+    # Rounds of projected gradient, each followed by a polish of its support;
+    # stop at the first support whose polish is optimal (usually the first
+    # round: accelerated PG identifies the support long before its iterate
+    # meets a 1e-13 tolerance). Each round restarts the momentum.
+    def keep_going(state):
+        _, optimal, rounds, _ = state
+        return ~optimal & (rounds < PG_MAX_ROUNDS)
+
+    def pg_round(state):
+        z, _, rounds, iterations = state
+        z_new, info = solver.run(z, hyperparams_proj=None, gram=gram_c, rhs=rhs_c)
+        return z_new, polish_is_optimal(z_new), rounds + 1, iterations + info.iter_num
+
+    z_pg, accepted, _, iterations = jax.lax.while_loop(
+        keep_going,
+        pg_round,
+        (jax.lax.stop_gradient(z0), jnp.array(False), jnp.array(0), jnp.array(0)),
     )
-    accepted = jax.lax.stop_gradient(accepted)
-    # Differentiate only the branch that is used: re-solve with a harmless
-    # system when the polish is rejected, so no NaN leaks into gradients.
-    safe = jnp.where(accepted, reduced, eye)
-    z_exact = jnp.linalg.solve(safe, jnp.where(accepted, reduced_rhs, 0.0))
-    z = jnp.where(accepted, jnp.where(support, z_exact, 0.0), z_pg)
+
+    # The differentiable polish on the support found: a linear solve on a
+    # fixed support, i.e. the implicit derivative of the optimum.
+    support = z_pg > 0
+    z_exact, _ = _polish(support, gram_s, rhs_s, solvable=accepted)
+    z = jnp.where(accepted, z_exact, z_pg)
     return NNLSSolution(
         beta=z / scale,
         polished=accepted,
-        pg_iterations=state.iter_num,
+        pg_iterations=iterations,
         cond_scaled=cond_scaled,
     )
+
+
+def _polish(
+    support: jax.Array,
+    gram: jax.Array,
+    rhs: jax.Array,
+    solvable: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact minimiser on a fixed support and whether it is the optimum.
+
+    Solves the normal equations restricted to ``support`` (zero elsewhere)
+    and checks the KKT conditions: positive on the support, gradient
+    non-negative off it (with a rounding allowance).
+
+    Args:
+      support: [3] bool, coefficients left free.
+      gram, rhs: the (scaled) problem.
+      solvable: when given and False, a harmless identity system is solved
+        instead, so that no NaN reaches gradients through an unused branch.
+
+    Returns:
+      ``(z [3], optimal [] bool)``.
+    """
+    size = rhs.shape[0]
+    eye = jnp.eye(size, dtype=gram.dtype)
+    support = jax.lax.stop_gradient(support)
+    reduced = jnp.where(support[:, None] & support[None, :], gram, eye)
+    reduced_rhs = jnp.where(support, rhs, 0.0)
+    if solvable is not None:
+        reduced = jnp.where(solvable, reduced, eye)
+        reduced_rhs = jnp.where(solvable, reduced_rhs, 0.0)
+    z = jnp.where(support, jnp.linalg.solve(reduced, reduced_rhs), 0.0)
+    gradient = gram @ z - rhs
+    slack = 1e3 * jnp.finfo(gram.dtype).eps * (1.0 + jnp.max(jnp.abs(rhs)))
+    optimal = (
+        jnp.all(jnp.isfinite(z))
+        & jnp.all(jnp.where(support, z > 0, True))
+        & jnp.all(jnp.where(support, True, gradient >= -slack))
+    )
+    return z, jax.lax.stop_gradient(optimal)
