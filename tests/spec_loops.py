@@ -31,7 +31,7 @@ class SpecTrace:
             self.steps = np.array(
                 [
                     math.ceil(p / self.chunk) if is_pf else p
-                    for p, is_pf in zip(self.tokens, self.is_prefill)
+                    for p, is_pf in zip(self.tokens, self.is_prefill, strict=True)
                 ]
             )
         raw = self.t_end - self.t_start
@@ -63,7 +63,8 @@ class SpecTrace:
     def missing(self) -> np.ndarray:
         out = np.zeros(len(self.tokens))
         for i in np.flatnonzero(self.is_prefill):
-            rho = min(max(self.tokens[i] - self.chunk * (self.steps[i] - 1), 0), self.chunk)
+            last_chunk = self.tokens[i] - self.chunk * (self.steps[i] - 1)
+            rho = min(max(last_chunk, 0), self.chunk)
             out[i] = min(max(self.chunk - rho, 0), self.chunk)
         return out
 
@@ -154,7 +155,8 @@ class SpecTrace:
             c = self.beta_informed_correction(step_rate)
         else:
             c = self.trace_only_correction(mode)
-        ptilde = np.maximum(self.chunk * self.n_pf - c / np.maximum(step_rate, 1e-12), 0)
+        removed = c / np.maximum(step_rate, 1e-12)
+        ptilde = np.maximum(self.chunk * self.n_pf - removed, 0)
         rows = []
         for i in range(len(self.tokens)):
             steps_in = self.window(i, step_rate)
