@@ -115,11 +115,18 @@ class SpecTrace:
             return None
         return t_star
 
-    def beta_informed_correction(self, step_rate: np.ndarray) -> np.ndarray:
-        """SPEC section 8, walking segments request by request."""
+    def beta_informed_correction(
+        self, step_rate: np.ndarray, rows: list[int] | None = None
+    ) -> np.ndarray:
+        """SPEC section 8, walking segments request by request.
+
+        ``rows`` restricts the sum to those prefill rows (default: all).
+        """
         c = np.zeros(len(self.length))
         mu = self.missing()
         for i in np.flatnonzero(self.is_prefill):
+            if rows is not None and i not in rows:
+                continue
             t_star = self.last_step_start(i, step_rate)
             if t_star is None:
                 continue
