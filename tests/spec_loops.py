@@ -31,7 +31,7 @@ class SpecTrace:
             self.steps = np.array(
                 [
                     math.ceil(p / self.chunk) if is_pf else p
-                    for p, is_pf in zip(self.tokens, self.is_prefill)
+                    for p, is_pf in zip(self.tokens, self.is_prefill, strict=True)
                 ]
             )
         raw = self.t_end - self.t_start
@@ -63,7 +63,8 @@ class SpecTrace:
     def missing(self) -> np.ndarray:
         out = np.zeros(len(self.tokens))
         for i in np.flatnonzero(self.is_prefill):
-            rho = min(max(self.tokens[i] - self.chunk * (self.steps[i] - 1), 0), self.chunk)
+            last_chunk = self.tokens[i] - self.chunk * (self.steps[i] - 1)
+            rho = min(max(last_chunk, 0), self.chunk)
             out[i] = min(max(self.chunk - rho, 0), self.chunk)
         return out
 
@@ -87,32 +88,51 @@ class SpecTrace:
                 raise ValueError(mode)
         return c
 
-    def beta_informed_correction(self, step_rate: np.ndarray) -> np.ndarray:
-        """SPEC section 8, walking segments request by request."""
+    def last_step_start(self, i: int, step_rate: np.ndarray) -> float | None:
+        """t* of prefill row i (SPEC section 8), or None when r is skipped.
+
+        Walks the segments of [t_rs, t_re) from the left, accumulating
+        lambda_j * length_j until the steps reach L - L / N_r.
+        """
+        start, end, steps = self.t_start[i], self.t_end[i], self.steps[i]
+        if self.missing()[i] <= 0 or steps <= 0 or end <= start:
+            return None
+        segs = list(self.segments_of(start, end))
+        total = sum(step_rate[j] * self.length[j] for j in segs)
+        if total <= 0:
+            return None
+        target = min(max(total - total / steps, 0.0), total)
+        t_star, acc = end, 0.0
+        for j in segs:
+            mass = step_rate[j] * self.length[j]
+            if acc + mass >= target - 1e-15:
+                remaining = max(target - acc, 0.0)
+                t_star = self.grid[j] + remaining / step_rate[j]
+                t_star = min(max(t_star, start), end)
+                break
+            acc += mass
+        if t_star >= end:
+            return None
+        return t_star
+
+    def beta_informed_correction(
+        self, step_rate: np.ndarray, rows: list[int] | None = None
+    ) -> np.ndarray:
+        """SPEC section 8, walking segments request by request.
+
+        ``rows`` restricts the sum to those prefill rows (default: all).
+        """
         c = np.zeros(len(self.length))
         mu = self.missing()
         for i in np.flatnonzero(self.is_prefill):
-            start, end, steps = self.t_start[i], self.t_end[i], self.steps[i]
-            if mu[i] <= 0 or steps <= 0 or end <= start:
+            if rows is not None and i not in rows:
                 continue
-            segs = list(self.segments_of(start, end))
-            total = sum(step_rate[j] * self.length[j] for j in segs)
-            if total <= 0:
+            t_star = self.last_step_start(i, step_rate)
+            if t_star is None:
                 continue
-            target = min(max(total - total / steps, 0.0), total)
-            t_star, acc = end, 0.0
-            for j in segs:
-                mass = step_rate[j] * self.length[j]
-                if acc + mass >= target - 1e-15:
-                    remaining = max(target - acc, 0.0)
-                    t_star = self.grid[j] + remaining / step_rate[j]
-                    t_star = min(max(t_star, start), end)
-                    break
-                acc += mass
-            if t_star >= end:
-                continue
+            start, end = self.t_start[i], self.t_end[i]
             overlaps = []
-            for j in segs:
+            for j in self.segments_of(start, end):
                 overlap = min(self.grid[j + 1], end) - max(self.grid[j], t_star)
                 if overlap > 0:
                     overlaps.append((j, overlap))
@@ -142,7 +162,8 @@ class SpecTrace:
             c = self.beta_informed_correction(step_rate)
         else:
             c = self.trace_only_correction(mode)
-        ptilde = np.maximum(self.chunk * self.n_pf - c / np.maximum(step_rate, 1e-12), 0)
+        removed = c / np.maximum(step_rate, 1e-12)
+        ptilde = np.maximum(self.chunk * self.n_pf - removed, 0)
         rows = []
         for i in range(len(self.tokens)):
             steps_in = self.window(i, step_rate)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from spec_loops import SpecTrace, exact_nnls
 
 import jaxbeta
-from spec_loops import SpecTrace, exact_nnls
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "parity"
@@ -150,17 +150,23 @@ def test_parity(case_name, config):
 def _check_history(result, ref, rtol, atol, ignore, loose):
     history = ref["history"]
     assert len(result.history["beta"]) == len(history["beta"])
-    for m, (got, want) in enumerate(zip(result.history["beta"], history["beta"])):
+    for m, (got, want) in enumerate(
+        zip(result.history["beta"], history["beta"], strict=True)
+    ):
         ok, message = _beta_ok(got, want, rtol, atol, ignore)
         assert ok, f"history beta {m}: {message}"
     scale = max(np.linalg.norm(b) for b in history["beta"])
     tol_scale = rtol if loose else 1e-9
-    for got, want in zip(result.history["delta_beta_l2"], history["delta_beta_l2"]):
+    for got, want in zip(
+        result.history["delta_beta_l2"], history["delta_beta_l2"], strict=True
+    ):
         assert abs(got - want) <= tol_scale * scale
-    for got, want in zip(result.history["r2"], history["r2"]):
+    for got, want in zip(result.history["r2"], history["r2"], strict=True):
         assert _close(got, want, 0.0, rtol if loose else 1e-9)
     mean_duration = ref["diagnostics"]["mean_duration_seconds"]
-    for got, want in zip(result.history["rmse_seconds"], history["rmse_seconds"]):
+    for got, want in zip(
+        result.history["rmse_seconds"], history["rmse_seconds"], strict=True
+    ):
         assert _close(got, want, tol_scale, 1e-10 * mean_duration)
 
 
@@ -270,7 +276,9 @@ def test_spec_worked_example():
     np.testing.assert_allclose(
         none.beta, [0.0, 0.011998002523128682, 0.5323801513877208], rtol=1e-12
     )
-    iterative = jaxbeta.estimate_betas_iterative(table, chunk_size=64, max_outer_iters=10)
+    iterative = jaxbeta.estimate_betas_iterative(
+        table, chunk_size=64, max_outer_iters=10
+    )
     np.testing.assert_allclose(
         iterative.beta, [0.0, 0.016305, 0.566230], atol=5e-7, rtol=0
     )
