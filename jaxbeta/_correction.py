@@ -102,24 +102,33 @@ def trace_only_correction(
 
 
 def _search_double_double(
-    high: jax.Array, low: jax.Array, query: tuple[jax.Array, jax.Array]
+    high: jax.Array,
+    low: jax.Array,
+    query: tuple[jax.Array, jax.Array],
+    lower: jax.Array,
+    upper: jax.Array,
 ) -> jax.Array:
-    """Lower bound: the first k with (high[k], low[k]) >= query, or len(high).
+    """Lower bound in ``[lower, upper]``: the first k with
+    ``(high[k], low[k]) >= query``, or ``upper`` when there is none below it.
 
     ``high + low`` must be non-decreasing and each pair normalised
     (|low| <= ulp(high) / 2), so pairs compare lexicographically. Vectorised
-    over the queries; ceil(log2(M + 1)) halving steps.
+    over the queries; the halving stops once every query's interval is
+    closed, i.e. after ceil(log2(widest interval + 1)) steps, which for
+    prefill windows is far fewer than a search over the whole grid.
     """
-    size = high.shape[0]
+    last = high.shape[0] - 1
     query_high, query_low = query
-    lower = jnp.zeros(query_high.shape, dtype=jnp.int32)
-    upper = jnp.full(query_high.shape, size, dtype=jnp.int32)
 
-    def halve(_, bounds):
+    def still_open(bounds):
+        lower, upper = bounds
+        return jnp.any(lower < upper)
+
+    def halve(bounds):
         lower, upper = bounds
         open_ = lower < upper
         middle = (lower + upper) // 2
-        at = jnp.minimum(middle, size - 1)
+        at = jnp.minimum(middle, last)
         value_high, value_low = high[at], low[at]
         at_least = (value_high > query_high) | (
             (value_high == query_high) & (value_low >= query_low)
@@ -128,7 +137,7 @@ def _search_double_double(
         lower = jnp.where(open_ & ~at_least, middle + 1, lower)
         return lower, upper
 
-    lower, _ = jax.lax.fori_loop(0, int(size).bit_length(), halve, (lower, upper))
+    lower, _ = jax.lax.while_loop(still_open, halve, (lower, upper))
     return lower
 
 
@@ -180,9 +189,14 @@ def beta_informed_correction(
     # reach the threshold: the walk stops inside segment k - 1. Binary search
     # on the double-double running integral (non-decreasing).
     query = add_double_double((high[start], low[start]), (threshold, 0.0))
-    first = _search_double_double(high, low, query)
-    first = jnp.maximum(first, start + 1)
-    reached = first <= end
+    # Searching (start, end] only: the answer end + 1 means "not reached".
+    # Rows that get no correction (decode rows, mu_r = 0) start closed, so
+    # that their long windows do not lengthen the search.
+    searched = (missing > 0) & (steps > 0)
+    first = _search_double_double(
+        high, low, query, start + 1, jnp.where(searched, end + 1, start + 1)
+    )
+    reached = searched & (first <= end)
     segment = jnp.clip(first - 1, 0, n_segments - 1)
     seg_rate = step_rate[segment]
     accumulated = steps_between(start, segment)
@@ -217,5 +231,5 @@ def beta_informed_correction(
         per_step, jnp.where(active, segment + 1, 0), n_segments + 1
     )
     diff = diff - _scatter_to_segments(per_step, end, n_segments + 1)
-    coefficient = jnp.cumsum(diff)[:n_segments]
+    coefficient = prefix_sum(diff)[:n_segments]
     return partial_rate + step_rate * coefficient
