@@ -188,12 +188,14 @@ def baseline_result(
     """Converts a host copy of a ``BaselineFit`` to the public record."""
     n = prepared.n_phases
     steps, duration, exposure_prefill, exposure_decode = _row_columns(fit, n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        step_rate_hat = steps / duration
     _check_finite_features(
         prepared,
         {
             "N_i": steps,
             "T_i": duration,
-            "lambda_hat_i": steps / duration,
+            "lambda_hat_i": step_rate_hat,
             "A_pf_i": exposure_prefill,
             "A_dec_i": exposure_decode,
         },
@@ -319,6 +321,15 @@ def estimate_betas_iterative(
     return iterative_result(fit, prepared, chunk, settings)
 
 
+def _as_float(name: str, value: Any, expected: str) -> float:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}") from None
+
+
 def check_loop_settings(max_outer_iters, tol, damping_eta) -> tuple[int, float, float]:
     """Validates the MM loop settings; returns them as (int, float, float)."""
     if isinstance(max_outer_iters, bool) or not isinstance(
@@ -329,10 +340,10 @@ def check_loop_settings(max_outer_iters, tol, damping_eta) -> tuple[int, float, 
         )
     if max_outer_iters <= 0:
         raise ValueError(f"`max_outer_iters` must be > 0, got {max_outer_iters!r}")
-    tol_value = float(tol)
+    tol_value = _as_float("tol", tol, "a number > 0")
     if not np.isfinite(tol_value) or tol_value <= 0:
         raise ValueError(f"`tol` must be > 0, got {tol!r}")
-    eta = float(damping_eta)
+    eta = _as_float("damping_eta", damping_eta, "a number in (0, 1]")
     if not (0.0 < eta <= 1.0):
         raise ValueError(f"`damping_eta` must be in (0, 1], got {damping_eta!r}")
     return int(max_outer_iters), tol_value, eta
@@ -345,9 +356,11 @@ def iterative_result(
     n = prepared.n_phases
     m = int(fit.n_outer_iters)
     steps, duration, exposure_prefill, exposure_decode = _row_columns(fit, n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        step_rate_hat = steps / duration
     _check_finite_features(
         prepared,
-        {"N_i": steps, "T_i": duration, "lambda_hat_i": steps / duration},
+        {"N_i": steps, "T_i": duration, "lambda_hat_i": step_rate_hat},
     )
     beta = np.asarray(fit.beta, dtype=np.float64)
     init_beta = np.asarray(fit.init_beta, dtype=np.float64)

@@ -87,6 +87,8 @@ def bucket_size(n: int, minimum: int = MIN_BUCKET) -> int:
 def check_chunk_size(chunk_size: Any) -> float:
     """Returns ``chunk_size`` as a float, or raises ``ValueError`` if not > 0."""
     try:
+        if isinstance(chunk_size, (bool, np.bool_)):
+            raise TypeError
         value = float(chunk_size)
     except (TypeError, ValueError):
         raise ValueError(
@@ -141,6 +143,16 @@ def _numeric_column(table: pd.DataFrame, name: str, rows: np.ndarray) -> np.ndar
     column = table[name]
     if pd.api.types.is_bool_dtype(column.dtype):
         raise ValueError(f"column {name!r} must be numeric, not boolean")
+    if pd.api.types.is_datetime64_any_dtype(column.dtype):
+        # Wall-clock timestamps: seconds since the Unix epoch.
+        epoch = pd.Timestamp(0, tz=getattr(column.dtype, "tz", None))
+        return (
+            (column - epoch)
+            .dt.total_seconds()
+            .to_numpy(dtype=np.float64, na_value=np.nan)
+        )
+    if pd.api.types.is_timedelta64_dtype(column.dtype):
+        return column.dt.total_seconds().to_numpy(dtype=np.float64, na_value=np.nan)
     values = pd.to_numeric(column, errors="coerce").to_numpy(
         dtype=np.float64, na_value=np.nan
     )

@@ -232,4 +232,13 @@ def beta_informed_correction(
     )
     diff = diff - _scatter_to_segments(per_step, end, n_segments + 1)
     coefficient = prefix_sum(diff)[:n_segments]
+    # The +mu/W and -mu/W terms of overlapping windows need not cancel
+    # exactly in floating point; an exact integer count of open windows
+    # keeps that rounding residue off segments no window covers.
+    opened = active.astype(jnp.int32)
+    open_windows = _scatter_to_segments(
+        opened, jnp.where(active, segment + 1, 0), n_segments + 1
+    ) - _scatter_to_segments(opened, end, n_segments + 1)
+    covered = jnp.cumsum(open_windows)[:n_segments] > 0
+    coefficient = jnp.where(covered, coefficient, 0.0)
     return partial_rate + step_rate * coefficient

@@ -34,7 +34,10 @@ def resolve_dtype(dtype) -> np.dtype:
     Raises:
       ValueError: for any other dtype.
     """
-    name = np.dtype(dtype).name if dtype is not None else "float64"
+    try:
+        name = np.dtype(dtype).name if dtype is not None else "float64"
+    except TypeError:
+        name = None
     if name not in _DTYPES:
         raise ValueError(f"`dtype` must be 'float64' or 'float32', got {dtype!r}")
     return np.dtype(_DTYPES[name])

@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except _UsageError as error:
         parser.error(str(error))
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         print(f"jaxbeta: error: {error}", file=sys.stderr)
         return 1
     return 0
