@@ -24,8 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jaxbeta  # noqa: E402
 from bench_baseline import CHUNK_SIZE, make_trace, median_time  # noqa: E402
+
+import jaxbeta  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxbeta._report import format_result
 from jaxbeta.cli import (
     SAMPLE_CHUNK_SIZE,
     add_estimator_arguments,
     run_estimator,
     sample_trace_path,
 )
-from jaxbeta._report import format_result
 
 
 def main(argv=None) -> int:

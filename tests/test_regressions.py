@@ -1,4 +1,4 @@
-"""Regression tests for problems found by review of jaxbeta/ (each failed before its fix)."""
+"""Regression tests for problems found in review (each failed before its fix)."""
 
 import numpy as np
 import pandas as pd
