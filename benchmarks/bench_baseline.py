@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         fit()
         first = time.perf_counter() - start
         warm = median_time(fit, args.repeats)
-        sort = median_time(lambda: np.sort(timestamps), max(args.repeats, 5))
+        sort = median_time(lambda t=timestamps: np.sort(t), max(args.repeats, 5))
         print(
             f"{len(phases):>9} {first:>9.3f} {warm:>9.3f} {sort:>9.4f} "
             f"{warm / sort:>9.2f}",

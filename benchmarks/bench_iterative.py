@@ -62,12 +62,12 @@ def main(argv=None) -> int:
         single = {"max_outer_iters": 1, "tol": 1e-300}
         fit(**probe)
         fit(**single)
-        long_run = median_time(lambda: fit(**probe), args.repeats)
-        short_run = median_time(lambda: fit(**single), args.repeats)
+        long_run = median_time(lambda kw=probe: fit(**kw), args.repeats)
+        short_run = median_time(lambda kw=single: fit(**kw), args.repeats)
         per_iteration = max(long_run - short_run, 0.0) / (args.probe_iters - 1)
 
         sort = statistics.median(
-            _time(lambda: np.sort(timestamps)) for _ in range(max(args.repeats, 5))
+            _time(lambda t=timestamps: np.sort(t)) for _ in range(max(args.repeats, 5))
         )
         print(
             f"{len(phases):>9} {first:>8.2f} {warm:>8.3f} {result.n_outer_iters:>5} "
