@@ -553,13 +553,13 @@ plt.show()
     (
         "md",
         """
-The rmse has a sharp minimum at the true C, and only there are all three
-betas close to the truth. A wrong C miscounts the prefill steps (too small:
-too many; too large: too few) and the fit makes up for it by moving all
-three coefficients; beta1 is the most sensitive and keeps falling as C
-grows past the truth. The two correction modes differ only in how the last,
-partial prefill chunk of each request is placed, and here they barely
-differ at all.
+The rmse has a sharp minimum at the true C, where all three betas are
+close to the truth; a few candidates away they are not. A wrong C
+miscounts the prefill steps (too small: too many; too large: too few) and
+the fit makes up for it by moving all three coefficients; beta1 is the
+most sensitive and keeps falling as C grows past the truth. The two
+correction modes differ only in how the last, partial prefill chunk of
+each request is placed, and here they barely differ at all.
 
 ## 4. Damping, and choosing C automatically
 
