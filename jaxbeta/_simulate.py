@@ -70,7 +70,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 __all__ = [
     "SimulationResult",
