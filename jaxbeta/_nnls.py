@@ -66,8 +66,15 @@ def gram_system(
     Returns:
       ``(X^T W X [3, 3], X^T W y [3])``.
     """
-    weighted = design * weight[:, None]
-    return weighted.T @ design, weighted.T @ target
+    # Column by column: 9 fused multiply-reduce passes measured several times
+    # faster on XLA CPU than a [3, n] x [n, 3] matmul over a transposed view.
+    columns = [design[:, j] for j in range(design.shape[1])]
+    weighted = [weight * column for column in columns]
+    gram = jnp.stack(
+        [jnp.stack([jnp.sum(w * column) for column in columns]) for w in weighted]
+    )
+    rhs = jnp.stack([jnp.sum(w * target) for w in weighted])
+    return gram, rhs
 
 
 def _quadratic(z, gram, rhs):
