@@ -147,6 +147,7 @@ def beta_informed_correction(
     missing: jax.Array,
     steps: jax.Array,
     step_rate: jax.Array,
+    running_steps: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """The beta-informed correction for a frozen step rate (SPEC section 8).
 
@@ -166,6 +167,9 @@ def beta_informed_correction(
       missing: [n] mu_r (0 on non-prefill rows).
       steps: [n] N_r.
       step_rate: [S] lambda_j, steps per second (frozen for this call).
+      running_steps: optional precomputed
+        ``prefix_integral_compensated(grid, step_rate)`` (shared with the
+        MM features, which need the same running integral).
 
     Returns:
       [S] correction rate c[j], tokens per second.
@@ -174,7 +178,9 @@ def beta_informed_correction(
     # Double-double running integral of lambda: steps accumulated before a
     # request's window can exceed its own by 1e12 (floor segments), so
     # every difference below is taken on both parts.
-    high, low = prefix_integral_compensated(grid, step_rate)  # [M], steps
+    if running_steps is None:
+        running_steps = prefix_integral_compensated(grid, step_rate)
+    high, low = running_steps  # [M], steps
     start, end = arrays.start_rank, arrays.end_rank
 
     def steps_between(first, last):

@@ -102,6 +102,7 @@ def _weighted_features(
     steps: jax.Array,
     step_rate: jax.Array,
     effective_prefill: jax.Array,
+    running_steps: tuple[jax.Array, jax.Array],
 ) -> tuple[jax.Array, jax.Array]:
     """Step-averaged exposures N_i * pbar_pf_i and N_i * pbar_dec_i (step 4).
 
@@ -111,13 +112,10 @@ def _weighted_features(
     up to 1e-6 of their value (the reference does; see the parity README).
     """
 
-    window_steps, prefill_mass, decode_mass = (
+    window_steps = phase_integral_compensated(arrays, running_steps)
+    prefill_mass, decode_mass = (
         phase_integral_compensated(arrays, prefix_integral_compensated(grid, rate))
-        for rate in (
-            step_rate,
-            effective_prefill * step_rate,
-            grid.n_decode * step_rate,
-        )
+        for rate in (effective_prefill * step_rate, grid.n_decode * step_rate)
     )
     positive = window_steps > 0
     safe = jnp.where(positive, window_steps, 1.0)
@@ -223,9 +221,16 @@ def mm_step(
     step_rate = jnp.where(context.busy, full_step_rate, 0.0)
     floor_hits = jnp.sum(at_floor & context.busy & (grid.length > 0), dtype=jnp.int32)
 
+    # Running integral of lambda, shared by the correction and the features.
+    running_steps = prefix_integral_compensated(grid, step_rate)
     if prefill_correction_mode == "beta_informed":
         correction = beta_informed_correction(
-            grid, context.arrays, context.missing, context.steps, step_rate
+            grid,
+            context.arrays,
+            context.missing,
+            context.steps,
+            step_rate,
+            running_steps,
         )
     else:
         correction = context.fixed_correction
@@ -235,7 +240,12 @@ def mm_step(
         0.0,
     )
     exposure_prefill, exposure_decode = _weighted_features(
-        grid, context.arrays, context.steps, step_rate, new_effective_prefill
+        grid,
+        context.arrays,
+        context.steps,
+        step_rate,
+        new_effective_prefill,
+        running_steps,
     )
     design = jnp.stack([context.steps, exposure_prefill, exposure_decode], axis=1)
     gram, rhs = gram_system(design, context.duration, context.row_weight)
