@@ -17,7 +17,10 @@ Gradients: the polished point is a linear solve on a fixed support, so
 autodiff through it is the implicit-function derivative at the optimum,
 with zero sensitivity for coefficients held at 0. When the polish fails (a
 rank-deficient design, where the minimiser is not unique) the projected
-gradient point is returned, differentiated implicitly by jaxopt.
+gradient point is returned with the same implicit derivative on its support,
+taken with a pseudo-inverse (see ``_fallback``). jaxopt's own implicit
+differentiation is not used because it is reverse-mode only (``jax.jacfwd``
+raised on it); the two agree where both apply. Values are unaffected.
 
 jaxopt is in maintenance mode and warns on import; the warning is silenced
 here so that it never reaches users, and no other module imports jaxopt.
@@ -71,6 +74,26 @@ def _quadratic(z, gram, rhs):
     return 0.5 * z @ (gram @ z) - rhs @ z
 
 
+def _fallback(z_pg: jax.Array, gram: jax.Array, rhs: jax.Array) -> jax.Array:
+    """The projected-gradient point, carrying a minimum-norm implicit derivative.
+
+    Its value is ``z_pg`` exactly. Its derivative is that of the optimality
+    conditions on the support of ``z_pg`` (zero off it), solved with a
+    pseudo-inverse, which is defined also when the reduced Gram is singular
+    (the case where the polish is rejected and the minimiser is not unique).
+    """
+    z_pg = jax.lax.stop_gradient(z_pg)
+    support = z_pg > 0
+    both = support[:, None] & support[None, :]
+    reduced_inverse = jax.lax.stop_gradient(
+        jnp.linalg.pinv(jnp.where(both, gram, 0.0), hermitian=True)
+    )
+    residual = jnp.where(support, rhs - gram @ z_pg, 0.0)
+    # residual - stop_gradient(residual) is exactly 0 but has residual's
+    # derivative.
+    return z_pg + reduced_inverse @ (residual - jax.lax.stop_gradient(residual))
+
+
 def solve_nnls(
     gram: jax.Array, rhs: jax.Array, init: jax.Array | None = None
 ) -> NNLSSolution:
@@ -110,7 +133,15 @@ def solve_nnls(
         tol=PG_TOL,
         acceleration=True,
     )
-    z_pg, state = solver.run(z0, hyperparams_proj=None, gram=gram_s, rhs=rhs_s)
+    # The solver sees constants only: jaxopt differentiates its runs with a
+    # custom_vjp, which forward mode cannot pass; every derivative is taken
+    # below instead.
+    z_pg, state = solver.run(
+        jax.lax.stop_gradient(z0),
+        hyperparams_proj=None,
+        gram=jax.lax.stop_gradient(gram_s),
+        rhs=jax.lax.stop_gradient(rhs_s),
+    )
 
     # Polish on the support found by projected gradient.
     support = jax.lax.stop_gradient(z_pg > 0)
@@ -132,7 +163,9 @@ def solve_nnls(
     # system when the polish is rejected, so no NaN leaks into gradients.
     safe = jnp.where(accepted, reduced, eye)
     z_exact = jnp.linalg.solve(safe, jnp.where(accepted, reduced_rhs, 0.0))
-    z = jnp.where(accepted, jnp.where(support, z_exact, 0.0), z_pg)
+    z = jnp.where(
+        accepted, jnp.where(support, z_exact, 0.0), _fallback(z_pg, gram_s, rhs_s)
+    )
     return NNLSSolution(
         beta=z / scale,
         polished=accepted,
