@@ -79,6 +79,7 @@ def add_double_double(left, right):
     return new_high, low - (new_high - high)
 
 
+@jax.custom_jvp
 def prefix_sum_compensated(values: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Inclusive cumulative sum in double-double arithmetic.
 
@@ -88,10 +89,23 @@ def prefix_sum_compensated(values: jax.Array) -> tuple[jax.Array, jax.Array]:
     larger than the window, e.g. past a segment at the 1e-12 s step-time
     floor where lambda = 1e12 steps/s (SPEC section 7). About three times the
     cost of :func:`prefix_sum`.
+
+    Derivatives: the running sum is linear, so its tangent is the plain
+    prefix sum of the tangent (carried on ``high``; ``low`` has tangent 0).
+    Differentiating the error-free transformations themselves would give the
+    same numbers at many times the cost.
     """
     return jax.lax.associative_scan(
         add_double_double, (values, jnp.zeros_like(values)), axis=-1
     )
+
+
+@prefix_sum_compensated.defjvp
+def _prefix_sum_compensated_jvp(primals, tangents):
+    (values,), (d_values,) = primals, tangents
+    running = prefix_sum_compensated(values)
+    d_high = prefix_sum(d_values)
+    return running, (d_high, jnp.zeros_like(d_high))
 
 
 def phase_steps(arrays: PhaseArrays, chunk_size: jax.Array) -> jax.Array:
