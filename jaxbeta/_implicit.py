@@ -62,6 +62,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 
 from jaxbeta._arrays import PhaseArrays
+from jaxbeta._baseline import fit_baseline_arrays
 from jaxbeta._iterative import (
     CONVERGED,
     fit_iterative_arrays,
@@ -76,6 +77,7 @@ __all__ = [
     "IterativeSensitivity",
     "MMState",
     "baseline_beta",
+    "baseline_sensitivity_arrays",
     "fit_inputs",
     "iterative_beta",
     "iterative_sensitivity_arrays",
@@ -146,8 +148,6 @@ def baseline_beta(
     Plain autodiff (``jax.grad``, ``jacrev``, ``jacfwd``) applies; see the
     module docstring for what the derivatives mean at tied timestamps.
     """
-    from jaxbeta._baseline import fit_baseline_arrays
-
     fit = fit_baseline_arrays(
         _with_inputs(arrays, inputs),
         chunk_size,
@@ -158,6 +158,63 @@ def baseline_beta(
         huber_scale=huber_scale,
     )
     return fit.beta
+
+
+def _typed(arrays: PhaseArrays, values):
+    """Scalars as arrays of the trace's float dtype, so that Python and NumPy
+    scalars share one compiled program (weak and strong types differ)."""
+    dtype = arrays.t_start.dtype
+    return jax.tree.map(lambda value: jnp.asarray(value, dtype=dtype), values)
+
+
+def baseline_sensitivity_arrays(
+    arrays: PhaseArrays,
+    chunk_size: jax.Array,
+    min_duration_sec: jax.Array = 0.0,
+    correction_mode: str = "end",
+    loss: str = "squared",
+    huber_scale: jax.Array | None = None,
+):
+    """The baseline fit and the Jacobian of its betas at weights 1 (reverse
+    mode through the fit).
+
+    Returns:
+      ``(fit, jacobian)``: the :class:`jaxbeta.BaselineFit` and a
+      :class:`FitInputs` whose leaves are [3, n], d beta_j / d input_i.
+    """
+    chunk_size, min_duration_sec, huber_scale = _typed(
+        arrays, (chunk_size, min_duration_sec, huber_scale)
+    )
+    return _baseline_jacobian(
+        arrays,
+        chunk_size,
+        min_duration_sec,
+        correction_mode=correction_mode,
+        loss=loss,
+        huber_scale=huber_scale,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("correction_mode", "loss"))
+def _baseline_jacobian(
+    arrays, chunk_size, min_duration_sec, correction_mode, loss, huber_scale
+):
+
+    def beta_and_fit(inputs):
+        fit = fit_baseline_arrays(
+            _with_inputs(arrays, inputs),
+            chunk_size,
+            min_duration_sec,
+            correction_mode=correction_mode,
+            weight=inputs.weight,
+            loss=loss,
+            huber_scale=huber_scale,
+        )
+        return fit.beta, fit
+
+    beta, pullback, fit = jax.vjp(beta_and_fit, fit_inputs(arrays), has_aux=True)
+    (jacobian,) = jax.vmap(pullback)(jnp.eye(3, dtype=beta.dtype))
+    return fit, jacobian
 
 
 def mm_map(
@@ -519,7 +576,9 @@ def iterative_sensitivity_arrays(
       An :class:`IterativeSensitivity`; ``fit.stop_code`` says whether the
       derivative belongs to a converged fit (``CONVERGED``).
     """
-    settings = _Settings(chunk_size, min_duration_sec, tol, damping_eta, huber_scale)
+    settings = _typed(
+        arrays, _Settings(chunk_size, min_duration_sec, tol, damping_eta, huber_scale)
+    )
     static = dict(
         prefill_correction_mode=prefill_correction_mode,
         max_outer_iters=max_outer_iters,
@@ -531,7 +590,7 @@ def iterative_sensitivity_arrays(
         arrays,
         MMState(fit.beta, fit.effective_prefill),
         settings,
-        adjoint_tol,
+        _typed(arrays, adjoint_tol),
         prefill_correction_mode=prefill_correction_mode,
         init_via_baseline_correction=init_via_baseline_correction,
         loss=loss,
