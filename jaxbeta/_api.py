@@ -31,6 +31,7 @@ from jaxbeta._iterative import (
 )
 from jaxbeta._precision import precision_context, resolve_dtype
 from jaxbeta._results import BaselineResult, IterativeResult
+from jaxbeta._robust import check_huber_scale, check_loss
 
 __all__ = [
     "baseline_result",
@@ -115,6 +116,8 @@ def estimate_betas_baseline(
     min_duration_sec: float = 0.0,
     correction_mode: str = "end",
     dtype: str = "float64",
+    loss: str = "squared",
+    huber_scale: float | None = None,
 ) -> BaselineResult:
     """Baseline time-integrated NNLS estimate of (beta0, beta1, beta2).
 
@@ -131,6 +134,10 @@ def estimate_betas_baseline(
       correction_mode: partial-chunk correction, ``end`` (default, the
         reference's), ``uniform``, ``none``, or jaxbeta's ``end_inside``.
       dtype: ``float64`` (default; needed for parity) or ``float32``.
+      loss: ``squared`` (default, the reference's least squares) or ``huber``
+        (robust to a few corrupted phases; see ``jaxbeta._robust``).
+      huber_scale: Huber delta in seconds; ``None`` (default) uses
+        ``1.345 * 1.4826 * median |r_i|`` of the squared-loss fit.
 
     Returns:
       A :class:`BaselineResult` with ``beta0`` (s/step), ``beta1``,
@@ -142,6 +149,8 @@ def estimate_betas_baseline(
     chunk = check_chunk_size(chunk_size)
     min_duration = check_min_duration(min_duration_sec)
     check_mode("correction_mode", correction_mode, TRACE_ONLY_MODES)
+    check_loss(loss)
+    huber_value = check_huber_scale(huber_scale)
     np_dtype = resolve_dtype(dtype)
     columns = _columns(
         request_id_col, phase_type_col, t_start_col, t_end_col,
@@ -154,12 +163,16 @@ def estimate_betas_baseline(
             np_dtype.type(chunk),
             np_dtype.type(min_duration),
             correction_mode=correction_mode,
+            loss=loss,
+            huber_scale=None if huber_value is None else np_dtype.type(huber_value),
         )
         fit = jax.device_get(fit)
     settings = {
         "min_duration_sec": min_duration,
         "correction_mode": correction_mode,
         "dtype": np_dtype.name,
+        "loss": loss,
+        "huber_scale": huber_value,
     }
     return baseline_result(fit, prepared, chunk, settings)
 
@@ -256,6 +269,8 @@ def estimate_betas_iterative(
     damping_eta: float = 1.0,
     init_via_baseline_correction: str = "end",
     dtype: str = "float64",
+    loss: str = "squared",
+    huber_scale: float | None = None,
 ) -> IterativeResult:
     """Iterative MM step-density reweighting estimate (SPEC section 7).
 
@@ -279,6 +294,11 @@ def estimate_betas_iterative(
         initialisation: ``end`` (default), ``uniform``, ``none``,
         ``end_inside``.
       dtype: ``float64`` (default) or ``float32``.
+      loss: ``squared`` (default) or ``huber``: every NNLS fit, the
+        initialisation included, minimises the Huber loss.
+      huber_scale: Huber delta in seconds, fixed for the whole fit; ``None``
+        (default) uses ``1.345 * 1.4826 * median |r_i|`` of the squared-loss
+        initialisation fit.
 
     Returns:
       An :class:`IterativeResult`.
@@ -291,6 +311,8 @@ def estimate_betas_iterative(
     check_mode("prefill_correction_mode", prefill_correction_mode, ITERATIVE_MODES)
     check_mode("init_via_baseline_correction", init_via_baseline_correction, INIT_MODES)
     iters, tol_value, eta = check_loop_settings(max_outer_iters, tol, damping_eta)
+    check_loss(loss)
+    huber_value = check_huber_scale(huber_scale)
     np_dtype = resolve_dtype(dtype)
     columns = _columns(
         request_id_col, phase_type_col, t_start_col, t_end_col,
@@ -307,6 +329,8 @@ def estimate_betas_iterative(
             tol=np_dtype.type(tol_value),
             damping_eta=np_dtype.type(eta),
             init_via_baseline_correction=init_via_baseline_correction,
+            loss=loss,
+            huber_scale=None if huber_value is None else np_dtype.type(huber_value),
         )
         fit = jax.device_get(fit)
     settings = {
@@ -317,6 +341,8 @@ def estimate_betas_iterative(
         "damping_eta": eta,
         "init_via_baseline_correction": init_via_baseline_correction,
         "dtype": np_dtype.name,
+        "loss": loss,
+        "huber_scale": huber_value,
     }
     return iterative_result(fit, prepared, chunk, settings)
 

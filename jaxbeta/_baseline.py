@@ -27,6 +27,7 @@ from jaxbeta._grid import (
     prefix_integral,
 )
 from jaxbeta._nnls import gram_system, solve_nnls
+from jaxbeta._robust import auto_huber_scale, check_loss, huber_nnls
 
 __all__ = ["BaselineFit", "FitStats", "baseline_exposures", "fit_baseline_arrays"]
 
@@ -117,13 +118,15 @@ def baseline_exposures(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("correction_mode",))
+@functools.partial(jax.jit, static_argnames=("correction_mode", "loss"))
 def fit_baseline_arrays(
     arrays: PhaseArrays,
     chunk_size: jax.Array,
     min_duration_sec: jax.Array = 0.0,
     correction_mode: str = "end",
     weight: jax.Array | None = None,
+    loss: str = "squared",
+    huber_scale: jax.Array | None = None,
 ) -> BaselineFit:
     """Baseline NNLS fit of one padded trace: pure, jit-ed, vmap-able.
 
@@ -136,10 +139,15 @@ def fit_baseline_arrays(
       weight: optional [n] non-negative row weights in the least-squares
         objective (default 1 on valid rows); used by bootstrap and
         sensitivity.
+      loss: static; ``squared`` (default, SPEC section 6) or ``huber`` (see
+        ``jaxbeta._robust``).
+      huber_scale: Huber delta in seconds; default ``1.345 * 1.4826 *
+        median |r_i|`` of the squared-loss fit. Ignored for ``squared``.
 
     Returns:
       A :class:`BaselineFit`.
     """
+    check_loss(loss)
     steps, duration, exposure_prefill, exposure_decode = baseline_exposures(
         arrays, chunk_size, min_duration_sec, correction_mode
     )
@@ -149,6 +157,10 @@ def fit_baseline_arrays(
         row_weight = row_weight * weight
     gram, rhs = gram_system(design, duration, row_weight)
     solution = solve_nnls(gram, rhs)
+    if loss == "huber":
+        if huber_scale is None:
+            huber_scale = auto_huber_scale(design, duration, row_weight, solution.beta)
+        solution = huber_nnls(design, duration, row_weight, huber_scale, solution.beta)
     stats = fit_stats(design, duration, row_weight, solution.beta, solution.cond_scaled)
     return BaselineFit(
         beta=solution.beta,

@@ -31,6 +31,7 @@ from jaxbeta._grid import (
     prefix_integral_compensated,
 )
 from jaxbeta._nnls import gram_system, solve_nnls
+from jaxbeta._robust import auto_huber_scale, check_loss, huber_nnls
 
 __all__ = [
     "ITERATIVE_MODES",
@@ -78,6 +79,9 @@ class IterativeFit(NamedTuple):
     stats: FitStats  # of the last iteration's NNLS fit
     lambda_floor_segments: jax.Array  # [H] segments at the Delta floor
     n_phases: jax.Array  # [] valid rows
+    # [S] ptilde^(m) of the last iterate, tokens/step: with ``beta`` the full
+    # MM state, the point at which the fit is differentiated implicitly.
+    effective_prefill: jax.Array
 
 
 class _Carry(NamedTuple):
@@ -200,6 +204,7 @@ def mm_step(
     effective_prefill: jax.Array,
     prefill_correction_mode: str,
     init: jax.Array | None = None,
+    huber_delta: jax.Array | None = None,
 ) -> MMStep:
     """One outer MM step from (beta^(m-1), ptilde^(m-1)) (SPEC section 7).
 
@@ -209,6 +214,8 @@ def mm_step(
       effective_prefill: [S] ptilde^(m-1) (the lag of step 1).
       prefill_correction_mode: static correction mode.
       init: [3] NNLS warm start (default ``beta``).
+      huber_delta: Huber scale in seconds for a robust step-5 fit; ``None``
+        (default) fits squared loss.
 
     Returns:
       An :class:`MMStep`.
@@ -250,6 +257,10 @@ def mm_step(
     design = jnp.stack([context.steps, exposure_prefill, exposure_decode], axis=1)
     gram, rhs = gram_system(design, context.duration, context.row_weight)
     solution = solve_nnls(gram, rhs, init=beta if init is None else init)
+    if huber_delta is not None:
+        solution = huber_nnls(
+            design, context.duration, context.row_weight, huber_delta, solution.beta
+        )
     stats = fit_stats(
         design, context.duration, context.row_weight, solution.beta,
         solution.cond_scaled,
@@ -269,14 +280,43 @@ def initial_beta(
     chunk_size: jax.Array,
     min_duration_sec: jax.Array,
     init_via_baseline_correction: str,
+    huber_delta: jax.Array | None = None,
 ) -> jax.Array:
-    """beta^(0): the baseline estimate with the init correction mode."""
-    _, _, init_prefill, init_decode = baseline_exposures(
-        context.arrays, chunk_size, min_duration_sec, init_via_baseline_correction
+    """beta^(0): the baseline estimate with the init correction mode (its
+    Huber fit when ``huber_delta`` is given)."""
+    design = _initial_design(
+        context, chunk_size, min_duration_sec, init_via_baseline_correction
     )
-    design = jnp.stack([context.steps, init_prefill, init_decode], axis=1)
     gram, rhs = gram_system(design, context.duration, context.row_weight)
-    return solve_nnls(gram, rhs).beta
+    solution = solve_nnls(gram, rhs)
+    if huber_delta is None:
+        return solution.beta
+    return huber_nnls(
+        design, context.duration, context.row_weight, huber_delta, solution.beta
+    ).beta
+
+
+def _initial_design(context, chunk_size, min_duration_sec, init_mode) -> jax.Array:
+    _, _, init_prefill, init_decode = baseline_exposures(
+        context.arrays, chunk_size, min_duration_sec, init_mode
+    )
+    return jnp.stack([context.steps, init_prefill, init_decode], axis=1)
+
+
+def initial_huber_scale(
+    context: MMContext,
+    chunk_size: jax.Array,
+    min_duration_sec: jax.Array,
+    init_via_baseline_correction: str,
+) -> jax.Array:
+    """The iterative fit's automatic Huber scale (seconds): ``1.345 * 1.4826 *
+    median |r_i|`` over the squared-loss initialisation fit, fixed per fit."""
+    design = _initial_design(
+        context, chunk_size, min_duration_sec, init_via_baseline_correction
+    )
+    gram, rhs = gram_system(design, context.duration, context.row_weight)
+    beta = solve_nnls(gram, rhs).beta
+    return auto_huber_scale(design, context.duration, context.row_weight, beta)
 
 
 @functools.partial(
@@ -285,6 +325,7 @@ def initial_beta(
         "prefill_correction_mode",
         "init_via_baseline_correction",
         "max_outer_iters",
+        "loss",
     ),
 )
 def fit_iterative_arrays(
@@ -297,6 +338,8 @@ def fit_iterative_arrays(
     damping_eta: jax.Array = 1.0,
     init_via_baseline_correction: str = "end",
     weight: jax.Array | None = None,
+    loss: str = "squared",
+    huber_scale: jax.Array | None = None,
 ) -> IterativeFit:
     """MM fit of one padded trace: pure, jit-ed, vmap-able (SPEC section 7).
 
@@ -312,6 +355,10 @@ def fit_iterative_arrays(
       init_via_baseline_correction: static; correction mode of the baseline
         initialisation.
       weight: optional [n] row weights in every least-squares fit.
+      loss: static; ``squared`` (default, SPEC section 7) or ``huber``: every
+        NNLS fit, the initialisation included, minimises the Huber loss.
+      huber_scale: Huber delta in seconds, fixed for the whole fit; default
+        ``1.345 * 1.4826 * median |r_i|`` of the squared-loss initialisation.
 
     Returns:
       An :class:`IterativeFit`.
@@ -321,13 +368,30 @@ def fit_iterative_arrays(
     )
     duration = context.duration
     dtype = duration.dtype
+    huber_delta = None
+    if check_loss(loss) == "huber":
+        huber_delta = huber_scale
+        if huber_delta is None:
+            huber_delta = initial_huber_scale(
+                context, chunk_size, min_duration_sec, init_via_baseline_correction
+            )
     init_beta = initial_beta(
-        context, chunk_size, min_duration_sec, init_via_baseline_correction
+        context,
+        chunk_size,
+        min_duration_sec,
+        init_via_baseline_correction,
+        huber_delta=huber_delta,
     )
 
     def outer_step(carry: _Carry) -> _Carry:
         beta = carry.beta
-        step = mm_step(context, beta, carry.effective_prefill, prefill_correction_mode)
+        step = mm_step(
+            context,
+            beta,
+            carry.effective_prefill,
+            prefill_correction_mode,
+            huber_delta=huber_delta,
+        )
         new_beta = (1.0 - damping_eta) * beta + damping_eta * step.fit_beta
         delta = jnp.linalg.norm(new_beta - beta)
         m = carry.iteration
@@ -404,4 +468,5 @@ def fit_iterative_arrays(
         stats=final.stats,
         lambda_floor_segments=final.floor_hits,
         n_phases=jnp.sum(arrays.valid),
+        effective_prefill=final.effective_prefill,
     )

@@ -17,7 +17,10 @@ Gradients: the polished point is a linear solve on a fixed support, so
 autodiff through it is the implicit-function derivative at the optimum,
 with zero sensitivity for coefficients held at 0. When the polish fails (a
 rank-deficient design, where the minimiser is not unique) the projected
-gradient point is returned, differentiated implicitly by jaxopt.
+gradient point is returned with the same implicit derivative on its support,
+taken with a pseudo-inverse (see ``_fallback``). jaxopt's own implicit
+differentiation is not used because it is reverse-mode only (``jax.jacfwd``
+raised on it); the two agree where both apply. Values are unaffected.
 
 jaxopt is in maintenance mode and warns on import; the warning is silenced
 here so that it never reaches users, and no other module imports jaxopt.
@@ -79,6 +82,26 @@ def gram_system(
 
 def _quadratic(z, gram, rhs):
     return 0.5 * z @ (gram @ z) - rhs @ z
+
+
+def _fallback(z_pg: jax.Array, gram: jax.Array, rhs: jax.Array) -> jax.Array:
+    """The projected-gradient point, carrying a minimum-norm implicit derivative.
+
+    Its value is ``z_pg`` exactly. Its derivative is that of the optimality
+    conditions on the support of ``z_pg`` (zero off it), solved with a
+    pseudo-inverse, which is defined also when the reduced Gram is singular
+    (the case where the polish is rejected and the minimiser is not unique).
+    """
+    z_pg = jax.lax.stop_gradient(z_pg)
+    support = z_pg > 0
+    both = support[:, None] & support[None, :]
+    reduced_inverse = jax.lax.stop_gradient(
+        jnp.linalg.pinv(jnp.where(both, gram, 0.0), hermitian=True)
+    )
+    residual = jnp.where(support, rhs - gram @ z_pg, 0.0)
+    # residual - stop_gradient(residual) is exactly 0 but has residual's
+    # derivative.
+    return z_pg + reduced_inverse @ (residual - jax.lax.stop_gradient(residual))
 
 
 def solve_nnls(
@@ -157,10 +180,12 @@ def solve_nnls(
     )
 
     # The differentiable polish on the support found: a linear solve on a
-    # fixed support, i.e. the implicit derivative of the optimum.
+    # fixed support, i.e. the implicit derivative of the optimum. When no
+    # support polished to the optimum (a rank-deficient design), the PG point
+    # is returned with the support-restricted implicit derivative.
     support = z_pg > 0
     z_exact, _ = _polish(support, gram_s, rhs_s, solvable=accepted)
-    z = jnp.where(accepted, z_exact, z_pg)
+    z = jnp.where(accepted, z_exact, _fallback(z_pg, gram_s, rhs_s))
     return NNLSSolution(
         beta=z / scale,
         polished=accepted,

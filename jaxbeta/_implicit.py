@@ -1,0 +1,668 @@
+"""Derivatives of the fitted betas with respect to the trace (array level).
+
+The differentiable inputs of a fit are, per phase, ``t_start``, ``t_end``,
+the token count (treated as a real number) and the row weight of the
+least-squares objective (:class:`FitInputs`). The grid *order* is fixed on
+the host, so every derivative here is the derivative at that order (see
+"Ties" below).
+
+Baseline
+--------
+The baseline fit is a closed-form pipeline ending in an NNLS solve whose
+derivative is the implicit one on its support (``_nnls``), so plain
+autodiff through :func:`jaxbeta.fit_baseline_arrays` is exact, in both modes.
+
+Iterative
+---------
+Reverse mode cannot pass through the MM ``lax.while_loop``, and
+differentiating the iterations would give the derivative of the iterates,
+not of the estimator. The estimator is the fixed point ``s* = F(s*, theta)``
+of the damped MM map on the state ``s = (beta [3], ptilde [S])`` (ptilde is
+part of the state because of the lag in SPEC section 7, step 1). The
+implicit function theorem gives
+
+    ds*/dtheta = (I - dF/ds)^{-1} dF/dtheta,
+
+evaluated at the iterate the loop returned. The linear systems are solved
+matrix-free by restarted GMRES on Jacobian-vector (forward) or
+vector-Jacobian (reverse) products of ``F``, in a scaled state where beta is
+relative to its own size and ptilde is in units of the chunk size. GMRES,
+not the plain iteration ``v <- g + J^T v``: the spectrum of ``dF/ds`` is
+real and negative in the cases examined, and below -1 on traces where the
+loop itself ends in a period-2 cycle (large chunks), where the plain
+iteration diverges.
+
+When the loop stopped at the iteration cap or in a cycle, the returned
+iterate is not a fixed point and the formula gives the derivative of a
+fixed point that the loop did not reach, linearised at a point that is not
+one: treat it as a rough indication only. The host functions report this as
+``gradient_valid = False`` together with the stop reason.
+
+Ties
+----
+Real traces are step-aligned: one request's prefill ends at exactly the
+timestamp where another's decode ends. The fit is only piecewise smooth in
+the timestamps, with kinks where two boundaries cross. At a tie, the
+derivative with respect to one boundary is the derivative of the smooth
+piece selected by the tie order the host sort chose (``grid_order``): it is
+the one-sided derivative for a boundary that sorts first in its tie group
+(moving it earlier) or last (moving it later), and for a boundary in the
+middle of a group it belongs to no real perturbation. The sum of the
+derivatives over all boundaries sharing one timestamp is well defined: it is
+the derivative of moving that timestamp as a whole, which keeps every order.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+
+from jaxbeta._arrays import PhaseArrays
+from jaxbeta._baseline import fit_baseline_arrays
+from jaxbeta._iterative import (
+    CONVERGED,
+    fit_iterative_arrays,
+    initial_huber_scale,
+    mm_context,
+    mm_step,
+)
+
+__all__ = [
+    "AdjointReport",
+    "FitInputs",
+    "IterativeSensitivity",
+    "MMState",
+    "baseline_beta",
+    "baseline_sensitivity_arrays",
+    "fit_inputs",
+    "iterative_beta",
+    "iterative_sensitivity_arrays",
+    "mm_map",
+]
+
+ADJOINT_TOL = 1e-10  # relative residual of each linear solve, scaled norm
+ADJOINT_MAX_ITERS = 200  # operator products per solve, restarts included
+GMRES_RESTART = 30
+
+
+class FitInputs(NamedTuple):
+    """The inputs a fit is differentiated with respect to (a pytree)."""
+
+    t_start: jax.Array  # [n] seconds since the trace origin
+    t_end: jax.Array  # [n] seconds since the trace origin
+    tokens: jax.Array  # [n] P_r on prefill rows, D_r on decode rows (real)
+    weight: jax.Array  # [n] row weight in the least-squares objective
+
+
+class MMState(NamedTuple):
+    """The state of the MM iteration (SPEC section 7)."""
+
+    beta: jax.Array  # [3] beta^(m) (s/step, s/token, s/token)
+    effective_prefill: jax.Array  # [S] ptilde^(m), tokens/step
+
+
+class AdjointReport(NamedTuple):
+    """How well the linear systems of the implicit derivative were solved."""
+
+    residual: jax.Array  # [k] ||b - A x|| / ||b|| per system, scaled norm
+    operator_products: jax.Array  # [k] int32, products with dF/ds used
+    solved: jax.Array  # [k] bool, residual <= the requested tolerance
+
+
+class IterativeSensitivity(NamedTuple):
+    """Result of :func:`iterative_sensitivity_arrays`."""
+
+    fit: object  # the IterativeFit at the linearisation point
+    jacobian: FitInputs  # each leaf [3, n]: d beta_j / d input_i
+    adjoint: AdjointReport  # one entry per beta
+
+
+def fit_inputs(arrays: PhaseArrays, weight: jax.Array | None = None) -> FitInputs:
+    """The differentiable inputs of ``arrays`` (weight 1 unless given)."""
+    if weight is None:
+        weight = jnp.ones_like(arrays.t_start)
+    return FitInputs(arrays.t_start, arrays.t_end, arrays.tokens, weight)
+
+
+def _with_inputs(arrays: PhaseArrays, inputs: FitInputs) -> PhaseArrays:
+    return arrays._replace(
+        t_start=inputs.t_start, t_end=inputs.t_end, tokens=inputs.tokens
+    )
+
+
+def baseline_beta(
+    inputs: FitInputs,
+    arrays: PhaseArrays,
+    chunk_size: jax.Array,
+    min_duration_sec: jax.Array = 0.0,
+    correction_mode: str = "end",
+    loss: str = "squared",
+    huber_scale: jax.Array | None = None,
+) -> jax.Array:
+    """Baseline betas [3] as a differentiable function of ``inputs``.
+
+    Plain autodiff (``jax.grad``, ``jacrev``, ``jacfwd``) applies; see the
+    module docstring for what the derivatives mean at tied timestamps.
+    """
+    fit = fit_baseline_arrays(
+        _with_inputs(arrays, inputs),
+        chunk_size,
+        min_duration_sec,
+        correction_mode=correction_mode,
+        weight=inputs.weight,
+        loss=loss,
+        huber_scale=huber_scale,
+    )
+    return fit.beta
+
+
+def _typed(arrays: PhaseArrays, values):
+    """Scalars as arrays of the trace's float dtype, so that Python and NumPy
+    scalars share one compiled program (weak and strong types differ)."""
+    dtype = arrays.t_start.dtype
+    return jax.tree.map(lambda value: jnp.asarray(value, dtype=dtype), values)
+
+
+def baseline_sensitivity_arrays(
+    arrays: PhaseArrays,
+    chunk_size: jax.Array,
+    min_duration_sec: jax.Array = 0.0,
+    correction_mode: str = "end",
+    loss: str = "squared",
+    huber_scale: jax.Array | None = None,
+):
+    """The baseline fit and the Jacobian of its betas at weights 1 (reverse
+    mode through the fit).
+
+    Returns:
+      ``(fit, jacobian)``: the :class:`jaxbeta.BaselineFit` and a
+      :class:`FitInputs` whose leaves are [3, n], d beta_j / d input_i.
+    """
+    chunk_size, min_duration_sec, huber_scale = _typed(
+        arrays, (chunk_size, min_duration_sec, huber_scale)
+    )
+    return _baseline_jacobian(
+        arrays,
+        chunk_size,
+        min_duration_sec,
+        correction_mode=correction_mode,
+        loss=loss,
+        huber_scale=huber_scale,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("correction_mode", "loss"))
+def _baseline_jacobian(
+    arrays, chunk_size, min_duration_sec, correction_mode, loss, huber_scale
+):
+
+    def beta_and_fit(inputs):
+        fit = fit_baseline_arrays(
+            _with_inputs(arrays, inputs),
+            chunk_size,
+            min_duration_sec,
+            correction_mode=correction_mode,
+            weight=inputs.weight,
+            loss=loss,
+            huber_scale=huber_scale,
+        )
+        return fit.beta, fit
+
+    beta, pullback, fit = jax.vjp(beta_and_fit, fit_inputs(arrays), has_aux=True)
+    (jacobian,) = jax.vmap(pullback)(jnp.eye(3, dtype=beta.dtype))
+    return fit, jacobian
+
+
+def mm_map(
+    state: MMState,
+    inputs: FitInputs,
+    arrays: PhaseArrays,
+    chunk_size: jax.Array,
+    min_duration_sec: jax.Array = 0.0,
+    prefill_correction_mode: str = "beta_informed",
+    damping_eta: jax.Array = 1.0,
+    init_via_baseline_correction: str = "end",
+    loss: str = "squared",
+    huber_scale: jax.Array | None = None,
+) -> MMState:
+    """One damped outer MM step ``F(state, inputs)`` (SPEC section 7).
+
+    The same arithmetic as an iteration of :func:`fit_iterative_arrays`; its
+    fixed points are the estimator's values. With ``loss="huber"`` and no
+    ``huber_scale`` the automatic scale is recomputed from ``inputs``, as the
+    fit does once per fit.
+    """
+    context = mm_context(
+        _with_inputs(arrays, inputs),
+        chunk_size,
+        min_duration_sec,
+        prefill_correction_mode,
+        inputs.weight,
+    )
+    huber_delta = None
+    if loss == "huber":
+        huber_delta = huber_scale
+        if huber_delta is None:
+            huber_delta = initial_huber_scale(
+                context, chunk_size, min_duration_sec, init_via_baseline_correction
+            )
+    step = mm_step(
+        context,
+        state.beta,
+        state.effective_prefill,
+        prefill_correction_mode,
+        huber_delta=huber_delta,
+    )
+    beta = (1.0 - damping_eta) * state.beta + damping_eta * step.fit_beta
+    return MMState(beta=beta, effective_prefill=step.effective_prefill)
+
+
+# ---------------------------------------------------------------------------
+# GMRES on a pytree operator, in a scaled norm
+
+
+def _gmres_cycle(matvec, residual, tol_abs, restart):
+    """One Arnoldi cycle from ``residual`` (flat); returns the correction.
+
+    Classical Gram-Schmidt applied twice, Givens rotations for the small
+    least-squares problem; stops early once its residual estimate is below
+    ``tol_abs``. Returns ``(correction, products used)``.
+    """
+    size = residual.shape[0]
+    dtype = residual.dtype
+    norm = jnp.linalg.norm(residual)
+    basis = jnp.zeros((restart + 1, size), dtype).at[0].set(residual / norm)
+    hessenberg = jnp.zeros((restart + 1, restart), dtype)
+    cosines = jnp.zeros((restart,), dtype)
+    sines = jnp.zeros((restart,), dtype)
+    rhs = jnp.zeros((restart + 1,), dtype).at[0].set(norm)
+
+    def keep_going(carry):
+        k, _, _, _, _, rhs = carry
+        return (k < restart) & (jnp.abs(rhs[k]) > tol_abs)
+
+    def arnoldi_step(carry):
+        k, basis, hessenberg, cosines, sines, rhs = carry
+        w = matvec(basis[k])
+        mask = (jnp.arange(restart + 1) <= k).astype(dtype)
+        h = (basis @ w) * mask
+        w = w - h @ basis
+        h2 = (basis @ w) * mask
+        w = w - h2 @ basis
+        h = h + h2
+        w_norm = jnp.linalg.norm(w)
+        h = h.at[k + 1].set(w_norm)
+        safe = jnp.where(w_norm > 0, w_norm, 1.0)
+        basis = basis.at[k + 1].set(jnp.where(w_norm > 0, w / safe, 0.0))
+
+        # Apply the previous rotations to the new column, then a new one.
+        def rotate(i, column):
+            a, b = column[i], column[i + 1]
+            rotated_a = cosines[i] * a + sines[i] * b
+            rotated_b = -sines[i] * a + cosines[i] * b
+            keep = i < k
+            column = column.at[i].set(jnp.where(keep, rotated_a, a))
+            return column.at[i + 1].set(jnp.where(keep, rotated_b, b))
+
+        h = jax.lax.fori_loop(0, restart, rotate, h)
+        radius = jnp.hypot(h[k], h[k + 1])
+        safe_radius = jnp.where(radius > 0, radius, 1.0)
+        cosine = jnp.where(radius > 0, h[k] / safe_radius, 1.0)
+        sine = jnp.where(radius > 0, h[k + 1] / safe_radius, 0.0)
+        h = h.at[k].set(radius).at[k + 1].set(0.0)
+        rhs = rhs.at[k + 1].set(-sine * rhs[k]).at[k].set(cosine * rhs[k])
+        hessenberg = hessenberg.at[:, k].set(h)
+        return (
+            k + 1,
+            basis,
+            hessenberg,
+            cosines.at[k].set(cosine),
+            sines.at[k].set(sine),
+            rhs,
+        )
+
+    start = (jnp.array(0, jnp.int32), basis, hessenberg, cosines, sines, rhs)
+    k, basis, hessenberg, _, _, rhs = jax.lax.while_loop(
+        keep_going, arnoldi_step, start
+    )
+    # Back substitution on the leading k x k triangle (identity elsewhere).
+    used = jnp.arange(restart) < k
+    triangle = hessenberg[:restart, :restart]
+    triangle = jnp.where(used[:, None] & used[None, :], triangle, jnp.eye(restart))
+    coefficients = jax.scipy.linalg.solve_triangular(
+        triangle, jnp.where(used, rhs[:restart], 0.0), lower=False
+    )
+    return coefficients @ basis[:restart], k
+
+
+def gmres(
+    matvec,
+    rhs,
+    unit,
+    tol,
+    max_products,
+    restart=GMRES_RESTART,
+    residual_with=None,
+):
+    """Solves ``A x = rhs`` for a linear pytree operator ``A`` by restarted GMRES.
+
+    The iteration runs on ``x_hat = x / unit`` and measures residuals as
+    ``r / unit`` (``unit`` is a pytree like ``x`` of positive scales), so that
+    components of very different sizes count alike. Each cycle ends with the
+    true residual ``rhs - A x``, which decides convergence.
+
+    Args:
+      matvec: the operator, pytree -> pytree of the same structure.
+      rhs: the right-hand side (pytree).
+      unit: positive scales, a pytree like ``rhs``.
+      tol: target ``||(rhs - A x) / unit|| <= tol * ||rhs / unit||``.
+      max_products: cap on operator products (restarts and checks included).
+      restart: Krylov dimension per cycle (static).
+      residual_with: optional ``x -> (A x, aux)``, used for the true residual
+        at the end of each cycle; lets that product also compute something
+        else at ``x`` (``aux`` of the last cycle is returned).
+
+    Returns:
+      ``(x, relative residual [], products used [] int32, aux)``.
+    """
+    if residual_with is None:
+        residual_with = lambda x: (matvec(x), ())  # noqa: E731
+    flat_unit, unravel = jax.flatten_util.ravel_pytree(unit)
+    flat_rhs = jax.flatten_util.ravel_pytree(rhs)[0] / flat_unit
+
+    def scaled(function, x_hat):
+        out, aux = function(unravel(x_hat * flat_unit))
+        return jax.flatten_util.ravel_pytree(out)[0] / flat_unit, aux
+
+    def scaled_matvec(x_hat):
+        return scaled(lambda x: (matvec(x), ()), x_hat)[0]
+
+    rhs_norm = jnp.linalg.norm(flat_rhs)
+    tol_abs = tol * rhs_norm
+
+    def keep_going(carry):
+        _, residual, products, _ = carry
+        return (jnp.linalg.norm(residual) > tol_abs) & (products < max_products)
+
+    def cycle(carry):
+        x_hat, residual, products, _ = carry
+        # Aim a little below the tolerance so the true residual passes.
+        correction, used = _gmres_cycle(scaled_matvec, residual, 0.5 * tol_abs, restart)
+        x_hat = x_hat + correction
+        product, aux = scaled(residual_with, x_hat)
+        return x_hat, flat_rhs - product, products + used + 1, aux
+
+    aux_shape = jax.eval_shape(residual_with, rhs)[1]
+    aux = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), aux_shape)
+    start = (jnp.zeros_like(flat_rhs), flat_rhs, jnp.array(0, jnp.int32), aux)
+    x_hat, residual, products, aux = jax.lax.while_loop(keep_going, cycle, start)
+    safe_norm = jnp.where(rhs_norm > 0, rhs_norm, 1.0)
+    relative = jnp.linalg.norm(residual) / safe_norm
+    return unravel(x_hat * flat_unit), relative, products, aux
+
+
+def state_unit(state: MMState, chunk_size: jax.Array) -> MMState:
+    """Typical sizes of the state's components: |beta_j| (the largest |beta|
+    where beta_j is 0) and the chunk size for ptilde."""
+    beta = jnp.abs(state.beta)
+    largest = jnp.max(beta)
+    fallback = jnp.where(largest > 0, largest, 1.0)
+    beta_unit = jnp.where(beta > 0, beta, fallback)
+    prefill_unit = jnp.full_like(state.effective_prefill, chunk_size)
+    return MMState(beta=beta_unit, effective_prefill=prefill_unit)
+
+
+# ---------------------------------------------------------------------------
+# the iterative estimator as a differentiable function
+
+
+class _Settings(NamedTuple):
+    chunk_size: jax.Array
+    min_duration_sec: jax.Array
+    tol: jax.Array
+    damping_eta: jax.Array
+    huber_scale: jax.Array | None
+
+
+def _run_fit(arrays, inputs, settings, static):
+    """The fit itself, on constants (no derivative flows through the loop)."""
+    inputs = jax.lax.stop_gradient(inputs)
+    return fit_iterative_arrays(
+        _with_inputs(arrays, inputs),
+        settings.chunk_size,
+        settings.min_duration_sec,
+        prefill_correction_mode=static["prefill_correction_mode"],
+        max_outer_iters=static["max_outer_iters"],
+        tol=settings.tol,
+        damping_eta=settings.damping_eta,
+        init_via_baseline_correction=static["init_via_baseline_correction"],
+        weight=inputs.weight,
+        loss=static["loss"],
+        huber_scale=settings.huber_scale,
+    )
+
+
+def _map_of(arrays, settings, static):
+    return functools.partial(
+        mm_map,
+        arrays=arrays,
+        chunk_size=settings.chunk_size,
+        min_duration_sec=settings.min_duration_sec,
+        prefill_correction_mode=static["prefill_correction_mode"],
+        damping_eta=settings.damping_eta,
+        init_via_baseline_correction=static["init_via_baseline_correction"],
+        loss=static["loss"],
+        huber_scale=settings.huber_scale,
+    )
+
+
+def iterative_beta(
+    inputs: FitInputs,
+    arrays: PhaseArrays,
+    chunk_size: jax.Array,
+    min_duration_sec: jax.Array = 0.0,
+    prefill_correction_mode: str = "beta_informed",
+    max_outer_iters: int = 25,
+    tol: jax.Array = 1e-6,
+    damping_eta: jax.Array = 1.0,
+    init_via_baseline_correction: str = "end",
+    loss: str = "squared",
+    huber_scale: jax.Array | None = None,
+    adjoint_tol: float = ADJOINT_TOL,
+    adjoint_max_iters: int = ADJOINT_MAX_ITERS,
+) -> jax.Array:
+    """Iterative betas [3] as a differentiable function of ``inputs``.
+
+    The value is ``fit_iterative_arrays(...).beta`` with the same settings.
+    Its derivative, in forward and reverse mode (``jax.jvp``, ``jax.grad``,
+    ``jacfwd``, ``jacrev``), is the implicit derivative of the MM fixed
+    point (module docstring), computed by GMRES to a relative residual of
+    ``adjoint_tol`` within ``adjoint_max_iters`` operator products. A linear
+    solve that misses its tolerance yields NaN derivatives rather than
+    wrong ones. The derivative is meaningful only when the fit converged:
+    check ``fit_iterative_arrays(...).stop_code`` (or use
+    :func:`iterative_sensitivity_arrays`, which reports it).
+
+    Args:
+      inputs: the differentiable inputs (:func:`fit_inputs`).
+      arrays: the padded trace supplying everything else (order, flags).
+      others: as in :func:`jaxbeta.fit_iterative_arrays`.
+
+    Returns:
+      [3] beta (s/step, s/token, s/token).
+    """
+    settings = _Settings(chunk_size, min_duration_sec, tol, damping_eta, huber_scale)
+    settings = jax.lax.stop_gradient(settings)
+    static = dict(
+        prefill_correction_mode=prefill_correction_mode,
+        max_outer_iters=max_outer_iters,
+        init_via_baseline_correction=init_via_baseline_correction,
+        loss=loss,
+    )
+    step_map = _map_of(arrays, settings, static)
+
+    def poison_unsolved(solution, relative, tolerance):
+        bad = ~(relative <= tolerance)
+        return jax.tree.map(lambda leaf: jnp.where(bad, jnp.nan, leaf), solution)
+
+    @jax.custom_jvp
+    def fixed_point(inputs):
+        fit = _run_fit(arrays, inputs, settings, static)
+        return MMState(fit.beta, fit.effective_prefill)
+
+    @fixed_point.defjvp
+    def fixed_point_jvp(primals, tangents):
+        (inputs,), (d_inputs,) = primals, tangents
+        state = fixed_point(inputs)
+        _, forcing = jax.jvp(lambda x: step_map(state, x), (inputs,), (d_inputs,))
+        _, state_jvp = jax.linearize(lambda s: step_map(s, inputs), state)
+        unit = state_unit(state, settings.chunk_size)
+        inverse_unit = jax.tree.map(lambda u: 1.0 / u, unit)
+
+        def solve(matvec, rhs):
+            x, relative, _, _ = gmres(matvec, rhs, unit, adjoint_tol, adjoint_max_iters)
+            return poison_unsolved(x, relative, adjoint_tol)
+
+        def transpose_solve(vecmat, rhs):
+            x, relative, _, _ = gmres(
+                vecmat, rhs, inverse_unit, adjoint_tol, adjoint_max_iters
+            )
+            return poison_unsolved(x, relative, adjoint_tol)
+
+        tangent = jax.lax.custom_linear_solve(
+            lambda u: jax.tree.map(jnp.subtract, u, state_jvp(u)),
+            forcing,
+            solve=solve,
+            transpose_solve=transpose_solve,
+        )
+        return state, tangent
+
+    return fixed_point(inputs).beta
+
+
+def iterative_sensitivity_arrays(
+    arrays: PhaseArrays,
+    chunk_size: jax.Array,
+    min_duration_sec: jax.Array = 0.0,
+    prefill_correction_mode: str = "beta_informed",
+    max_outer_iters: int = 25,
+    tol: jax.Array = 1e-6,
+    damping_eta: jax.Array = 1.0,
+    init_via_baseline_correction: str = "end",
+    loss: str = "squared",
+    huber_scale: jax.Array | None = None,
+    adjoint_tol: jax.Array = ADJOINT_TOL,
+    adjoint_max_iters: int = ADJOINT_MAX_ITERS,
+) -> IterativeSensitivity:
+    """The iterative fit and the Jacobian of its betas, with solver reports.
+
+    Reverse mode by hand: the fit (:func:`jaxbeta.fit_iterative_arrays`, the
+    same compiled program as the estimator's), one linearisation of ``F`` at
+    the returned iterate, then for each beta_j the adjoint system
+    ``(I - dF/ds)^T v = e_j`` by GMRES (one after the other) and
+    ``dbeta_j/dinputs = v^T dF/dinputs``. Equal to
+    ``jax.jacrev(iterative_beta)`` at weights 1, and cheaper.
+
+    Args:
+      arrays: the padded trace; its ``t_start``, ``t_end`` and ``tokens``
+        are the differentiation point, and weights are 1.
+      others: as in :func:`iterative_beta`.
+
+    Returns:
+      An :class:`IterativeSensitivity`; ``fit.stop_code`` says whether the
+      derivative belongs to a converged fit (``CONVERGED``).
+    """
+    settings = _typed(
+        arrays, _Settings(chunk_size, min_duration_sec, tol, damping_eta, huber_scale)
+    )
+    static = dict(
+        prefill_correction_mode=prefill_correction_mode,
+        max_outer_iters=max_outer_iters,
+        init_via_baseline_correction=init_via_baseline_correction,
+        loss=loss,
+    )
+    fit = _run_fit(arrays, fit_inputs(arrays), settings, static)
+    jacobian, report = _adjoint_jacobian(
+        arrays,
+        MMState(fit.beta, fit.effective_prefill),
+        settings,
+        _typed(arrays, adjoint_tol),
+        prefill_correction_mode=prefill_correction_mode,
+        init_via_baseline_correction=init_via_baseline_correction,
+        loss=loss,
+        adjoint_max_iters=adjoint_max_iters,
+    )
+    return IterativeSensitivity(fit=fit, jacobian=jacobian, adjoint=report)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "prefill_correction_mode",
+        "init_via_baseline_correction",
+        "loss",
+        "adjoint_max_iters",
+    ),
+)
+def _adjoint_jacobian(
+    arrays: PhaseArrays,
+    state: MMState,
+    settings: _Settings,
+    adjoint_tol: jax.Array,
+    *,
+    prefill_correction_mode: str,
+    init_via_baseline_correction: str,
+    loss: str,
+    adjoint_max_iters: int,
+) -> tuple[FitInputs, AdjointReport]:
+    """d beta / d inputs at the MM state ``state`` (rows [3], leaves [3, n])."""
+    static = dict(
+        prefill_correction_mode=prefill_correction_mode,
+        init_via_baseline_correction=init_via_baseline_correction,
+        loss=loss,
+    )
+    inputs = fit_inputs(arrays)
+    step_map = _map_of(arrays, settings, static)
+    _, step_vjp = jax.vjp(step_map, state, inputs)
+    unit = state_unit(state, settings.chunk_size)
+    inverse_unit = jax.tree.map(lambda u: 1.0 / u, unit)
+
+    def transposed(v):  # (I - dF/ds)^T v
+        state_bar, _ = step_vjp(v)
+        return jax.tree.map(jnp.subtract, v, state_bar)
+
+    def transposed_and_inputs(v):  # the residual check also yields v^T dF/dx
+        state_bar, inputs_bar = step_vjp(v)
+        return jax.tree.map(jnp.subtract, v, state_bar), inputs_bar
+
+    def one_beta(j):
+        rhs = MMState(
+            beta=jnp.zeros(3, state.beta.dtype).at[j].set(1.0),
+            effective_prefill=jnp.zeros_like(state.effective_prefill),
+        )
+        _, relative, products, inputs_bar = gmres(
+            transposed,
+            rhs,
+            inverse_unit,
+            adjoint_tol,
+            adjoint_max_iters,
+            residual_with=transposed_and_inputs,
+        )
+        return inputs_bar, relative, products
+
+    jacobian, relative, products = jax.lax.map(one_beta, jnp.arange(3))
+    report = AdjointReport(
+        residual=relative,
+        operator_products=products,
+        solved=relative <= adjoint_tol,
+    )
+    return jacobian, report
+
+
+def is_converged(stop_code: jax.Array) -> jax.Array:
+    """True where a fit's stop code says its iterate is a fixed point."""
+    return stop_code == CONVERGED
