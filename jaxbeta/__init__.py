@@ -8,6 +8,8 @@ Public API (see README.md):
 - array level: :func:`prepare_trace`, :func:`fit_baseline_arrays`,
   :func:`fit_iterative_arrays` (pure, jit-ed, vmap-able);
 - many traces: :func:`fit_many`, :func:`sweep`, :func:`best_chunk_size`;
+- gradients: :func:`sensitivity`, :func:`boundary_sensitivity`,
+  :func:`top_influences`, :func:`bootstrap`;
 - data: :func:`read_trace`, :func:`simulate`, exports to JSON/YAML/BLIS.
 """
 
@@ -29,6 +31,13 @@ from jaxbeta._iterative import IterativeFit, fit_iterative_arrays
 from jaxbeta._plot import plot_fit
 from jaxbeta._precision import float64
 from jaxbeta._results import BaselineResult, IterativeResult, StopReason
+from jaxbeta._sensitivity import (
+    BootstrapResult,
+    bootstrap,
+    boundary_sensitivity,
+    sensitivity,
+    top_influences,
+)
 from jaxbeta._simulate import SimulationResult, simulate
 
 __version__ = "0.1.0"
@@ -36,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BaselineFit",
     "BaselineResult",
+    "BootstrapResult",
     "ChunkSizeChoice",
     "ColumnNames",
     "IterativeFit",
@@ -47,6 +57,8 @@ __all__ = [
     "__version__",
     "best_chunk_size",
     "blis_cli_args",
+    "bootstrap",
+    "boundary_sensitivity",
     "bucket_size",
     "estimate_betas_baseline",
     "estimate_betas_iterative",
@@ -57,10 +69,12 @@ __all__ = [
     "plot_fit",
     "prepare_trace",
     "read_trace",
+    "sensitivity",
     "simulate",
     "sweep",
     "to_blis",
     "to_record",
+    "top_influences",
     "write_blis",
     "write_json",
     "write_otlp_spans",
