@@ -523,11 +523,19 @@ def test_nnls_reaches_the_exact_optimum_with_exact_zeros(problem):
     design, target, optimum = problem
     assume(scaled_condition(design) < 1e4)  # well-conditioned
     expected = exact_nnls(design, target)
-    np.testing.assert_allclose(expected, optimum, rtol=1e-8, atol=0)
+    # Compare in column-scaled units (z_j = beta_j ||X[:, j]||), with the
+    # parity README's floor: a coefficient is pinned only to the extent it
+    # moves the fitted values, 1e-10 of the data norm. Unscaled relative
+    # errors of a coefficient that contributes little are rounding noise.
+    norms = np.sqrt(np.sum(design**2, axis=0))
+    floor = 1e-10 * np.linalg.norm(target)
+    np.testing.assert_allclose(expected * norms, optimum * norms, rtol=1e-8, atol=floor)
     with jax.enable_x64(True):
         solution = jax.device_get(solve_nnls_jit(design.T @ design, design.T @ target))
     assert solution.polished
     beta = np.asarray(solution.beta)
     zero = expected == 0.0
     assert np.all(beta[zero] == 0.0), f"not exactly 0: {beta[zero]!r}"
-    np.testing.assert_allclose(beta[~zero], expected[~zero], rtol=1e-9, atol=0)
+    np.testing.assert_allclose(
+        (beta * norms)[~zero], (expected * norms)[~zero], rtol=1e-9, atol=floor
+    )
