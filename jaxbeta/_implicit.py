@@ -72,7 +72,7 @@ import jax.numpy as jnp
 from jaxbeta._arrays import PhaseArrays
 from jaxbeta._baseline import fit_baseline_arrays
 from jaxbeta._iterative import (
-    CONVERGED,
+    IterativeFit,
     fit_iterative_arrays,
     initial_huber_scale,
     mm_context,
@@ -123,7 +123,7 @@ class AdjointReport(NamedTuple):
 class IterativeSensitivity(NamedTuple):
     """Result of :func:`iterative_sensitivity_arrays`."""
 
-    fit: object  # the IterativeFit at the linearisation point
+    fit: IterativeFit  # the fit; its last iterate is the linearisation point
     jacobian: FitInputs  # each leaf [3, n]: d beta_j / d input_i
     adjoint: AdjointReport  # one entry per beta
 
@@ -206,6 +206,7 @@ def baseline_sensitivity_arrays(
 def _baseline_jacobian(
     arrays, chunk_size, min_duration_sec, correction_mode, loss, huber_scale
 ):
+    """Jitted body of :func:`baseline_sensitivity_arrays` (typed scalars)."""
 
     def beta_and_fit(inputs):
         fit = fit_baseline_arrays(
@@ -547,7 +548,7 @@ def iterative_sensitivity_arrays(
 
     Returns:
       An :class:`IterativeSensitivity`; ``fit.stop_code`` says whether the
-      derivative belongs to a converged fit (``CONVERGED``).
+      derivative belongs to a converged fit (0, ``converged``).
     """
     settings = _typed(
         arrays, _Settings(chunk_size, min_duration_sec, tol, damping_eta, huber_scale)
@@ -638,8 +639,3 @@ def _adjoint_jacobian(
         solved=relative <= adjoint_tol,
     )
     return jacobian, report
-
-
-def is_converged(stop_code: jax.Array) -> jax.Array:
-    """True where a fit's stop code says its iterate is a fixed point."""
-    return stop_code == CONVERGED
