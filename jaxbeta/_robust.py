@@ -24,7 +24,11 @@ round's residuals (a majorize-minimize step, so the objective never rises),
 until the scaled step is below ``IRLS_TOL`` or ``IRLS_MAX_ROUNDS`` rounds.
 Derivatives do not follow the rounds: the result carries the implicit
 derivative of the Huber optimality conditions on its support (see
-:func:`huber_nnls`).
+:func:`huber_nnls`). The automatic scale is a weighted median: it moves with
+the residual it picks (so with the timestamps), but is piecewise constant in
+the row weights, and at equal weights over an even number of rows it sits
+exactly on one of its jumps. Derivatives with respect to weights therefore
+hold the automatic scale fixed; they are exact for a given ``huber_scale``.
 """
 
 from __future__ import annotations

@@ -214,6 +214,10 @@ def sensitivity(
     loop ended. The baseline's derivatives are flagged the same way when its
     design is nearly rank-deficient.
 
+    With ``loss="huber"`` and the automatic scale, ``dbeta{j}_dweight``
+    holds the scale (a weighted median, piecewise constant in the weights)
+    fixed; pass ``huber_scale`` for weight derivatives of a fixed objective.
+
     Ties: a timestamp shared by several boundaries (step-aligned traces) is
     a kink of the fit. The per-phase derivative there is the one of the
     smooth piece that the host's tie order selects: the one-sided derivative

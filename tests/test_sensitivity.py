@@ -150,6 +150,9 @@ def _arrays(phases: pd.DataFrame):
 # finite differences: all perturbations of one trace in one vmapped fit
 
 
+HUBER_SCALE = 0.01  # seconds; a fixed scale (the automatic one is a median)
+
+
 @functools.cache
 def _batched_fit(algo: str):
     def one(arrays, inputs):
@@ -158,6 +161,14 @@ def _batched_fit(algo: str):
         )
         if algo == "baseline":
             return fit_baseline_arrays(moved, CHUNK, weight=inputs.weight).beta
+        if algo == "baseline-huber":
+            return fit_baseline_arrays(
+                moved,
+                CHUNK,
+                weight=inputs.weight,
+                loss="huber",
+                huber_scale=HUBER_SCALE,
+            ).beta
         fit = fit_iterative_arrays(
             moved, CHUNK, max_outer_iters=FD_ITERS, tol=0.0, weight=inputs.weight
         )
@@ -258,6 +269,31 @@ def test_per_phase_derivatives_match_finite_differences(algo, name, make):
     numeric = _central_differences(algo, arrays, {"tokens": 1e-3}, token_rows, beta)
     analytic = np.asarray(jacobian.tokens)[:, token_rows]
     _assert_close_rows(analytic, numeric["tokens"], f"{name} tokens")
+
+
+@_x64
+def test_huber_derivatives_match_finite_differences():
+    """The implicit derivative of the Huber optimum (not of the IRLS rounds),
+    with one corrupted phase so that some residuals exceed the scale."""
+    phases = simulated_trace(26, 3, jitter=2e-4)
+    duration = phases.loc[3, "t_end"] - phases.loc[3, "t_start"]
+    phases.loc[3, "t_end"] = phases.loc[3, "t_start"] + 5 * duration
+    prepared, arrays = _arrays(phases)
+    n = prepared.n_phases
+    fit, jacobian = baseline_sensitivity_arrays(
+        arrays, CHUNK, loss="huber", huber_scale=HUBER_SCALE
+    )
+    design = np.stack([fit.steps, fit.exposure_prefill, fit.exposure_decode], axis=1)
+    residual = np.asarray(fit.duration - design @ fit.beta)[:n]
+    assert np.any(np.abs(residual) > HUBER_SCALE), "the Huber loss should be active"
+    h = _min_gap(prepared) * FD_GAP_FRACTION
+    steps = {"t_start": h, "t_end": h, "weight": 1e-4}
+    numeric = _central_differences(
+        "baseline-huber", arrays, steps, list(range(n)), np.asarray(fit.beta)
+    )
+    for key in steps:
+        analytic = np.asarray(getattr(jacobian, key))[:, :n]
+        _assert_close_rows(analytic, numeric[key], f"huber {key}")
 
 
 @pytest.mark.parametrize("algo", ["baseline", "iterative"])
