@@ -23,6 +23,7 @@ from jaxbeta._boundary import (
     prepare_trace,
 )
 from jaxbeta._correction import TRACE_ONLY_MODES
+from jaxbeta._fixed_point import check_solver_options
 from jaxbeta._iterative import (
     INIT_MODES,
     ITERATIVE_MODES,
@@ -230,6 +231,12 @@ def estimate_betas_iterative(
     damping_eta: float = 1.0,
     init_via_baseline_correction: str = "end",
     dtype: str = "float64",
+    solver: str = "picard",
+    stop_rule: str = "absolute",
+    prefill_update: str = "lagged",
+    anderson_memory: int = 3,
+    inner_iters: int = 4,
+    accelerate_below: float = 0.05,
 ) -> IterativeResult:
     """Iterative MM step-density reweighting estimate (SPEC section 7).
 
@@ -253,9 +260,23 @@ def estimate_betas_iterative(
         initialisation: ``end`` (default), ``uniform``, ``none``,
         ``end_inside``.
       dtype: ``float64`` (default) or ``float32``.
+      solver: jaxbeta's option: ``picard`` (default, the reference's plain
+        iteration), ``anderson`` or ``newton`` (safeguarded accelerations of
+        the same fixed point; see ``jaxbeta._fixed_point``).
+      stop_rule: jaxbeta's option: ``absolute`` (default, ``||d||_2 < tol``
+        in seconds) or ``relative`` (every coefficient's change below ``tol``
+        of its own size; a coefficient at 0 never blocks).
+      prefill_update: jaxbeta's option: ``lagged`` (default, the reference's)
+        or ``consistent`` (the effective prefill pressure solved for the
+        current beta instead of carried from the previous iteration).
+      anderson_memory: past differences kept by ``solver="anderson"`` (>= 1).
+      inner_iters: sweeps of the ``consistent`` update per iteration with
+        ``beta_informed`` (>= 1).
+      accelerate_below: ``anderson``/``newton`` accelerate only once every
+        coefficient's plain step is below this fraction of its size (> 0).
 
     Returns:
-      An :class:`IterativeResult`.
+      An :class:`IterativeResult`. The defaults reproduce the reference.
 
     Raises:
       ValueError: for invalid parameters or rows (the message names them).
@@ -265,6 +286,10 @@ def estimate_betas_iterative(
     check_mode("prefill_correction_mode", prefill_correction_mode, ITERATIVE_MODES)
     check_mode("init_via_baseline_correction", init_via_baseline_correction, INIT_MODES)
     iters, tol_value, eta = check_loop_settings(max_outer_iters, tol, damping_eta)
+    check_solver_options(
+        solver, stop_rule, prefill_update, anderson_memory, inner_iters
+    )
+    accelerate = check_accelerate_below(accelerate_below)
     np_dtype = resolve_dtype(dtype)
     columns = _columns(
         request_id_col, phase_type_col, t_start_col, t_end_col,
@@ -281,6 +306,12 @@ def estimate_betas_iterative(
             tol=np_dtype.type(tol_value),
             damping_eta=np_dtype.type(eta),
             init_via_baseline_correction=init_via_baseline_correction,
+            solver=solver,
+            stop_rule=stop_rule,
+            prefill_update=prefill_update,
+            anderson_memory=int(anderson_memory),
+            inner_iters=int(inner_iters),
+            accelerate_below=np_dtype.type(accelerate),
         )
         fit = jax.device_get(fit)
     settings = {
@@ -291,8 +322,27 @@ def estimate_betas_iterative(
         "damping_eta": eta,
         "init_via_baseline_correction": init_via_baseline_correction,
         "dtype": np_dtype.name,
+        "solver": solver,
+        "stop_rule": stop_rule,
+        "prefill_update": prefill_update,
+        "anderson_memory": int(anderson_memory),
+        "inner_iters": int(inner_iters),
+        "accelerate_below": accelerate,
     }
     return iterative_result(fit, prepared, chunk, settings)
+
+
+def check_accelerate_below(accelerate_below) -> float:
+    """Validates ``accelerate_below`` (> 0, may be infinite); returns a float."""
+    try:
+        value = float(accelerate_below)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`accelerate_below` must be a number > 0, got {accelerate_below!r}"
+        ) from None
+    if not value > 0:
+        raise ValueError(f"`accelerate_below` must be > 0, got {accelerate_below!r}")
+    return value
 
 
 def check_loop_settings(max_outer_iters, tol, damping_eta) -> tuple[int, float, float]:
@@ -338,6 +388,9 @@ def iterative_result(
         "rmse_seconds": [float(v) for v in fit.history_rmse[:m]],
         "lambda_floor_segments": [int(v) for v in fit.lambda_floor_segments[:m]],
     }
+    history_stop = getattr(fit, "history_stop", None)
+    if history_stop is not None:
+        history["stop_measure"] = [float(v) for v in history_stop[:m]]
     stop_reason = stop_reason_name(int(fit.stop_code))
     converged = bool(fit.converged)
     design = np.stack([steps, exposure_prefill, exposure_decode], axis=1)
@@ -349,9 +402,11 @@ def iterative_result(
             "iterate, as in the reference (history shows both states)"
         )
     elif stop_reason == "max_iters":
+        last = history.get("stop_measure", history["delta_beta_l2"])[-1]
+        rule = settings.get("stop_rule", "absolute")
         notes.append(
             f"the MM loop hit max_outer_iters={m} without meeting tol "
-            f"(last step {history['delta_beta_l2'][-1]:.3g})"
+            f"(last {rule} step {last:.3g})"
         )
     elif stop_reason == "non_finite":
         notes.append("an iterate became non-finite; the loop stopped there")
@@ -376,6 +431,9 @@ def iterative_result(
         "cond_scaled": cond,
         "warnings": notes,
     }
+    n_fallbacks = getattr(fit, "n_fallbacks", None)
+    if n_fallbacks is not None:
+        diagnostics["n_fallbacks"] = int(n_fallbacks)
     features = pd.DataFrame(
         {
             "N_i": steps,
