@@ -57,6 +57,8 @@ class Config:
     options: dict
 
     def describe(self) -> str:
+        if self.kind == "oracle":
+            return "see below"
         if self.kind == "fit":
             extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
             note = "" if extra else " (all defaults)"
@@ -74,10 +76,16 @@ def _jaxbeta_iterative(name: str, **options) -> Config:
     base = {
         "stop_rule": "relative",
         "tol": JAXBETA_TOL,
-        "max_outer_iters": 200,
+        # Picard may need many iterations; the accelerated solvers do not.
+        "max_outer_iters": 200 if options.get("solver", "picard") == "picard" else 100,
     }
     return Config(name, "jaxbeta", "iterative", {**base, **options})
 
+
+END_INSIDE = {
+    "prefill_correction_mode": "end_inside",
+    "init_via_baseline_correction": "end_inside",
+}
 
 CONFIGS = (
     Config("ref baseline end", "reference-compatible", "baseline", {}),
@@ -109,55 +117,52 @@ CONFIGS = (
     Config(
         "baseline end_inside", "jaxbeta", "baseline", {"correction_mode": "end_inside"}
     ),
+    Config("iterative end_inside 25", "jaxbeta", "iterative", dict(END_INSIDE)),
+    # The stop rule alone, then acceleration alone, on the reference's loop.
     Config(
-        "iterative end_inside 25",
+        "bi lagged picard rel",
         "jaxbeta",
         "iterative",
-        {
-            "prefill_correction_mode": "end_inside",
-            "init_via_baseline_correction": "end_inside",
-        },
+        {"stop_rule": "relative", "tol": JAXBETA_TOL, "max_outer_iters": 100},
     ),
-    _jaxbeta_iterative("bi lagged picard rel"),
     _jaxbeta_iterative("bi lagged anderson rel", solver="anderson"),
+    # The consistent prefill update, with each solver.
     _jaxbeta_iterative("bi consistent picard rel", prefill_update="consistent"),
-    _jaxbeta_iterative(
-        "bi consistent anderson rel", prefill_update="consistent", solver="anderson"
-    ),
     _jaxbeta_iterative(
         "bi consistent newton rel", prefill_update="consistent", solver="newton"
     ),
     _jaxbeta_iterative(
-        "ei consistent picard rel",
-        prefill_correction_mode="end_inside",
-        init_via_baseline_correction="end_inside",
-        prefill_update="consistent",
+        "ei consistent picard rel", **END_INSIDE, prefill_update="consistent"
     ),
     _jaxbeta_iterative(
         "ei consistent anderson rel",
-        prefill_correction_mode="end_inside",
-        init_via_baseline_correction="end_inside",
+        **END_INSIDE,
         prefill_update="consistent",
         solver="anderson",
     ),
     _jaxbeta_iterative(
         "ei consistent newton rel",
-        prefill_correction_mode="end_inside",
-        init_via_baseline_correction="end_inside",
+        **END_INSIDE,
         prefill_update="consistent",
         solver="newton",
     ),
+    # jaxbeta.fit: its defaults, then one default changed at a time (with
+    # row_weight="none" it runs the "ei consistent <solver> rel" line above).
+    Config("fit (recommended)", "jaxbeta", "fit", {}),
     *(
         Config(
-            "fit (recommended)"
-            if weighting == RECOMMENDED["row_weight"]
-            else f"fit row_weight={weighting}",
-            "jaxbeta",
-            "fit",
-            {} if weighting == RECOMMENDED["row_weight"] else {"row_weight": weighting},
+            f"fit row_weight={weighting}", "jaxbeta", "fit", {"row_weight": weighting}
         )
         for weighting in ROW_WEIGHTS
+        if weighting not in ("none", RECOMMENDED["row_weight"])
     ),
+    *(
+        Config(f"fit solver={solver}", "jaxbeta", "fit", {"solver": solver})
+        for solver in ("anderson", "newton")
+        if solver != RECOMMENDED["solver"]
+    ),
+    # Not an estimator: least squares on the simulator's step log.
+    Config("oracle: step log WLS", "oracle", "oracle", {}),
 )
 
 
@@ -206,6 +211,9 @@ def _fitter(config: Config) -> Callable:
 
         return run_iterative
 
+    if config.kind == "oracle":
+        return run_step_oracle
+
     def run_fit(simulation, prepared):
         result = fit(
             simulation.phases, chunk_size=simulation.chunk_size, **config.options
@@ -214,6 +222,32 @@ def _fitter(config: Config) -> Callable:
         return result.beta, code[result.stop_reason], result.n_outer_iters
 
     return run_fit
+
+
+def run_step_oracle(simulation, prepared):
+    """Weighted least squares of every step's duration on its token counts.
+
+    Uses the simulator's step log, which no trace shows: the step-level
+    information bound that no phase-based estimator can beat. Step noise is
+    multiplicative, so each step is weighted by 1 / (noise-free step time)^2.
+    """
+    steps = simulation.steps
+    design = np.stack(
+        [
+            np.ones(len(steps)),
+            steps["prefill_tokens"].to_numpy(dtype=np.float64),
+            steps["decode_tokens"].to_numpy(dtype=np.float64),
+        ],
+        axis=1,
+    )
+    duration = (steps["t_end"] - steps["t_start"]).to_numpy()
+    scale = 1.0 / (design @ np.asarray(simulation.beta))
+    column_norm = np.linalg.norm(design * scale[:, None], axis=0)
+    column_norm[column_norm == 0] = 1.0
+    solution, *_ = np.linalg.lstsq(
+        design * scale[:, None] / column_norm, duration * scale, rcond=None
+    )
+    return solution / column_norm, 0, 0
 
 
 def _timed(run, simulation, prepared) -> Outcome:
@@ -291,10 +325,10 @@ def _table(results, cells, mask, configs) -> list[str]:
         iterations = np.array([o.iterations for o in outcomes])
         iteration_text = (
             "-"
-            if config.kind == "baseline"
+            if config.kind in ("baseline", "oracle")
             else f"{np.median(iterations):.0f} / {iterations.max()}"
         )
-        family = "ref" if config.family == "reference-compatible" else "jaxbeta"
+        family = {"reference-compatible": "ref"}.get(config.family, config.family)
         lines.append(
             f"| {config.name} | {family} | "
             + " | ".join(cols)
@@ -382,8 +416,10 @@ def write_markdown(path, results, cells, facts, timing, argv) -> None:
         "traces with known betas, for the reference-compatible configurations "
         "(`ref`, the defaults of `estimate_betas_baseline` / "
         "`estimate_betas_iterative` and the reference's other modes) and "
-        "jaxbeta's options (`jaxbeta`), all on the same traces. Generated by "
-        "`benchmarks/bench_accuracy.py`; do not edit by hand.",
+        "jaxbeta's options (`jaxbeta`), all on the same traces. The `oracle` "
+        "line is not an estimator: it fits the simulator's step log, which no "
+        "trace shows, and marks the accuracy that the step noise allows. "
+        "Generated by `benchmarks/bench_accuracy.py`; do not edit by hand.",
         "",
         f"Command: `{' '.join(['python', 'benchmarks/bench_accuracy.py', *argv])}` "
         f"({timing['total']:.0f} s wall on {timing['machine']}; "
@@ -422,7 +458,10 @@ def write_markdown(path, results, cells, facts, timing, argv) -> None:
         "",
         "| configuration | call |",
         "|---|---|",
-        *[f"| {c.name} | {c.describe()} |" for c in CONFIGS],
+        *[f"| {c.name} | {c.describe()} |" for c in CONFIGS if c.kind != "oracle"],
+        "| oracle: step log WLS | least squares of every step's duration on "
+        "(1, prefill tokens, decode tokens) from `SimulationResult.steps`, "
+        "weighted by 1 / (noise-free step time)^2 |",
         "",
         "`fit` defaults: "
         + ", ".join(f"`{k}={v!r}`" for k, v in RECOMMENDED.items())
@@ -448,10 +487,37 @@ def write_markdown(path, results, cells, facts, timing, argv) -> None:
     Path(path).write_text("\n".join(out))
 
 
+def write_raw(path, results, cells, facts) -> None:
+    """One CSV row per (configuration, trace): cell, truth, estimate, stop."""
+    import pandas as pd
+
+    rows = []
+    for name, outcomes in results.items():
+        for cell, fact, outcome in zip(cells, facts, outcomes, strict=True):
+            rows.append(
+                {
+                    "config": name,
+                    **dataclasses.asdict(cell),
+                    **fact,
+                    **dict(
+                        zip([f"true_{b}" for b in BETA_NAMES], cell.beta, strict=True)
+                    ),
+                    **dict(zip(BETA_NAMES, outcome.beta, strict=True)),
+                    "stop_code": outcome.stop_code,
+                    "iterations": outcome.iterations,
+                    "seconds": outcome.seconds,
+                }
+            )
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="cells to fit")
     parser.add_argument("--out", type=Path, default=None, help="Markdown output")
+    parser.add_argument(
+        "--raw-out", type=Path, default=None, help="optional CSV of every fit"
+    )
     args = parser.parse_args(argv)
     argv_used = [] if argv is None else list(argv)
     if argv is None:
@@ -523,6 +589,9 @@ def main(argv: list[str] | None = None) -> None:
     if out is not None:
         write_markdown(out, results, cells, facts, timing, argv_used)
         print(f"wrote {out}")
+    if args.raw_out is not None:
+        write_raw(args.raw_out, results, cells, facts)
+        print(f"wrote {args.raw_out}")
 
 
 if __name__ == "__main__":

@@ -35,11 +35,17 @@ from jaxbeta._results import BaselineResult, IterativeResult
 
 __all__ = [
     "estimate_betas_baseline",
+    "coefficient_std_errors",
     "estimate_betas_iterative",
     "identifiability_warnings",
 ]
 
 COND_WARN = 1e8
+"""Scaled condition number of X^T X above which the design counts as nearly
+rank-deficient (well-posed traces have 5 to 40; see the parity README)."""
+REL_STD_ERROR_WARN = 0.1
+"""A positive coefficient whose standard error exceeds this fraction of its
+value is reported as poorly determined."""
 
 
 def _columns(
@@ -64,10 +70,86 @@ def check_mode(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def coefficient_std_errors(
+    design: np.ndarray,
+    target: np.ndarray,
+    beta: np.ndarray,
+    weight: np.ndarray | None = None,
+) -> np.ndarray:
+    """Least-squares standard errors of the positive coefficients.
+
+    ``sqrt(diag(sigma^2 (X_S^T W X_S)^-1))`` over the support S (the positive
+    coefficients), with ``sigma^2 = sum(w r^2) / (n - |S|)`` from the fit's
+    residuals r. It treats the design as fixed and the rows as independent,
+    so it understates the uncertainty when phases overlap (they share step
+    noise); read it as a lower bound and as a collinearity signal.
+
+    Args:
+      design: [n, 3] design rows (steps, prefill exposure, decode exposure).
+      target: [n] durations T_i, seconds.
+      beta: [3] the estimate.
+      weight: optional [n] row weights of the fit.
+
+    Returns:
+      [3] standard errors in the units of beta (NaN for coefficients at 0 and
+      when there are no spare degrees of freedom).
+    """
+    design = np.asarray(design, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    weight = np.ones(len(target)) if weight is None else np.asarray(weight, float)
+    errors = np.full(3, np.nan)
+    free = np.asarray(beta) > 0
+    rows = int(np.sum(weight > 0))
+    spare = rows - int(free.sum())
+    if not free.any() or spare <= 0:
+        return errors
+    residual = target - design @ beta
+    sigma2 = float(np.sum(weight * residual**2)) / spare
+    columns = design[:, free]
+    gram = columns.T @ (weight[:, None] * columns)
+    scale = np.sqrt(np.diag(gram))
+    if not np.all(scale > 0):
+        return errors
+    covariance = np.linalg.pinv(gram / np.outer(scale, scale)) / np.outer(scale, scale)
+    errors[free] = np.sqrt(np.maximum(np.diag(covariance) * sigma2, 0.0))
+    return errors
+
+
+def _condition_number(design: np.ndarray, weight: np.ndarray | None) -> float:
+    """Scaled condition number of the Gram matrix of the non-zero columns."""
+    weight = np.ones(len(design)) if weight is None else np.asarray(weight, float)
+    gram = design.T @ (weight[:, None] * design)
+    keep = np.diag(gram) > 0
+    if not keep.any():
+        return np.inf
+    gram = gram[np.ix_(keep, keep)]
+    scale = np.sqrt(np.diag(gram))
+    eigenvalues = np.linalg.eigvalsh(gram / np.outer(scale, scale))
+    return float(eigenvalues[-1] / max(eigenvalues[0], 0.0))
+
+
 def identifiability_warnings(
-    beta: np.ndarray, cond_scaled: float, design: np.ndarray
+    beta: np.ndarray,
+    cond_scaled: float,
+    design: np.ndarray,
+    std_error: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
 ) -> list[str]:
-    """Plain-language caveats about coefficients the trace cannot pin down."""
+    """Plain-language caveats about coefficients the trace cannot pin down.
+
+    Args:
+      beta: [3] the estimate.
+      cond_scaled: scaled condition number of the NNLS Gram matrix.
+      design: [n, 3] the NNLS design.
+      std_error: optional [3] standard errors (see
+        :func:`coefficient_std_errors`); a positive coefficient whose error
+        exceeds ``REL_STD_ERROR_WARN`` of its value gets a note.
+      weight: optional [n] row weights of the fit.
+
+    Returns:
+      Notes, in this order: per coefficient (zero column, at the bound 0,
+      poorly determined), then the design's near rank deficiency.
+    """
     notes = []
     names = ("beta0", "beta1", "beta2")
     column_norm = np.sqrt(np.sum(design**2, axis=0))
@@ -82,12 +164,26 @@ def identifiability_warnings(
                 f"{name} sits at the bound 0: the non-negativity constraint is "
                 "active, so the trace does not support a positive value"
             )
+        elif std_error is not None and std_error[j] > REL_STD_ERROR_WARN * beta[j]:
+            notes.append(
+                f"{name} is poorly determined: its standard error is "
+                f"{std_error[j] / beta[j]:.0%} of its value"
+            )
+    if (column_norm == 0).any():
+        # An all-zero column is reported above; judge the others on their own.
+        cond_scaled = _condition_number(design, weight)
     if not np.isfinite(cond_scaled) or cond_scaled > COND_WARN:
         notes.append(
             f"the NNLS design is nearly rank-deficient (scaled condition number "
             f"{cond_scaled:.3g}): the betas are not uniquely determined"
         )
     return notes
+
+
+def _warn_rank_deficiency(notes: list[str]) -> None:
+    for note in notes:
+        if "rank-deficient" in note:
+            warnings.warn(note, UserWarning, stacklevel=3)
 
 
 def _check_finite_features(prepared: PreparedTrace, named: dict[str, np.ndarray]):
@@ -175,7 +271,8 @@ def estimate_betas_baseline(
         raise ValueError(f"the NNLS fit produced non-finite betas {beta.tolist()}")
     design = np.stack([steps, exposure_prefill, exposure_decode], axis=1)
     cond = float(fit.stats.cond_scaled)
-    notes = identifiability_warnings(beta, cond, design)
+    std_error = coefficient_std_errors(design, duration, beta)
+    notes = identifiability_warnings(beta, cond, design, std_error)
     diagnostics = {
         "n_phases": float(n),
         "r2": float(fit.stats.r2),
@@ -185,10 +282,10 @@ def estimate_betas_baseline(
         "mean_A_pf_tokens": float(exposure_prefill.mean()),
         "mean_A_dec_tokens": float(exposure_decode.mean()),
         "cond_scaled": cond,
+        "beta_std_error": [float(v) for v in std_error],
         "warnings": notes,
     }
-    if cond > COND_WARN or not np.isfinite(cond):
-        warnings.warn(notes[-1], UserWarning, stacklevel=2)
+    _warn_rank_deficiency(notes)
     features = pd.DataFrame(
         {
             "N_i": steps,
@@ -365,9 +462,17 @@ def check_loop_settings(max_outer_iters, tol, damping_eta) -> tuple[int, float, 
 
 
 def iterative_result(
-    fit, prepared: PreparedTrace, chunk: float, settings: dict[str, Any]
+    fit,
+    prepared: PreparedTrace,
+    chunk: float,
+    settings: dict[str, Any],
+    weight: np.ndarray | None = None,
 ) -> IterativeResult:
-    """Converts a host copy of an :class:`IterativeFit` to the public record."""
+    """Converts a host copy of an :class:`IterativeFit` to the public record.
+
+    ``weight`` ([n_pad] or [n]) are the fit's row weights, if any; they enter
+    the standard errors and the condition number of the diagnostics.
+    """
     n = prepared.n_phases
     m = int(fit.n_outer_iters)
     steps = np.asarray(fit.steps[:n], dtype=np.float64)
@@ -395,7 +500,10 @@ def iterative_result(
     converged = bool(fit.converged)
     design = np.stack([steps, exposure_prefill, exposure_decode], axis=1)
     cond = float(fit.stats.cond_scaled)
-    notes = identifiability_warnings(beta, cond, design)
+    if weight is not None:
+        weight = np.asarray(weight, dtype=np.float64)[:n]
+    std_error = coefficient_std_errors(design, duration, beta, weight)
+    notes = identifiability_warnings(beta, cond, design, std_error, weight)
     if stop_reason == "cycle":
         notes.append(
             "the MM loop ended in a period-2 cycle; the result is the last "
@@ -429,6 +537,7 @@ def iterative_result(
         "n_phases": float(n),
         "stop_reason": stop_reason,
         "cond_scaled": cond,
+        "beta_std_error": [float(v) for v in std_error],
         "warnings": notes,
     }
     n_fallbacks = getattr(fit, "n_fallbacks", None)

@@ -32,11 +32,11 @@ ROW_WEIGHTS = ("none", "inverse_duration", "inverse_variance")
 """Row weightings of :func:`fit` (see :func:`phase_weights`)."""
 
 RECOMMENDED = {
-    "row_weight": "inverse_duration",
+    "row_weight": "inverse_variance",
     "prefill_correction_mode": "end_inside",
     "init_via_baseline_correction": "end_inside",
     "prefill_update": "consistent",
-    "solver": "newton",
+    "solver": "anderson",
     "stop_rule": "relative",
     "tol": 1e-9,
     "max_outer_iters": 100,
@@ -172,12 +172,12 @@ def fit(
             inner_iters=settings["inner_iters"],
             accelerate_below=np_dtype.type(accelerate),
         )
-        result = jax.device_get(result)
+        result, weight = jax.device_get((result, weight))
     settings = {
         "algo": "recommended",
         "min_duration_sec": min_duration,
         **settings,
         "dtype": np_dtype.name,
     }
-    record = iterative_result(result, prepared, chunk, settings)
+    record = iterative_result(result, prepared, chunk, settings, weight=weight)
     return dataclasses.replace(record, algo="recommended")
