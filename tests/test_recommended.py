@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 import jaxbeta
+from jaxbeta._api import coefficient_std_errors, identifiability_warnings
 from jaxbeta._boundary import prepare_trace
 from jaxbeta._fixed_point import ZERO_SCALE, fit_fixed_point_arrays, stop_measure
 from jaxbeta._iterative import fit_iterative_arrays
@@ -177,7 +178,7 @@ def _batch(simulations):
     return jax.tree.map(lambda *leaves: np.stack(leaves), *[p.arrays for p in prepared])
 
 
-def test_newton_vmaps_to_the_fit_of_each_trace():
+def test_recommended_options_vmap_to_the_fit_of_each_trace():
     simulations = [_simulate(*case) for case in CYCLING[:2]]
     chunks = np.array([case[1] for case in CYCLING[:2]], dtype=np.float64)
     batch = _batch(simulations)
@@ -203,7 +204,7 @@ def test_newton_vmaps_to_the_fit_of_each_trace():
         np.testing.assert_allclose(batched.beta[lane], alone.beta, rtol=1e-12)
 
 
-def test_anderson_jits_and_vmaps():
+def test_newton_jits_and_vmaps():
     simulations = [_simulate(*case) for case in CYCLING[1:]]
     chunks = np.array([case[1] for case in CYCLING[1:]], dtype=np.float64)
     batch = _batch(simulations)
@@ -211,7 +212,7 @@ def test_anderson_jits_and_vmaps():
         prefill_correction_mode="end_inside",
         init_via_baseline_correction="end_inside",
         prefill_update="consistent",
-        solver="anderson",
+        solver="newton",
         stop_rule="relative",
         tol=1e-9,
         max_outer_iters=100,
@@ -275,3 +276,37 @@ def test_iterative_rejects_bad_solver_options():
         jaxbeta.estimate_betas_iterative(table, chunk_size=512, solver="secant")
     with pytest.raises(ValueError, match="inner_iters"):
         jaxbeta.estimate_betas_iterative(table, chunk_size=512, inner_iters=0)
+
+
+def test_std_errors_are_the_least_squares_ones():
+    rng = np.random.default_rng(0)
+    design = rng.uniform(1.0, 10.0, size=(50, 3))
+    beta = np.array([2e-3, 5e-5, 3e-4])
+    target = design @ beta + 1e-4 * rng.standard_normal(50)
+    estimate = np.linalg.lstsq(design, target, rcond=None)[0]
+    residual = target - design @ estimate
+    covariance = residual @ residual / (50 - 3) * np.linalg.inv(design.T @ design)
+    np.testing.assert_allclose(
+        coefficient_std_errors(design, target, estimate),
+        np.sqrt(np.diag(covariance)),
+        rtol=1e-8,
+    )
+    # A coefficient held at 0 is not estimated: NaN, and the others use the
+    # remaining columns only.
+    held = estimate.copy()
+    held[2] = 0.0
+    errors = coefficient_std_errors(design, target, held)
+    assert np.isnan(errors[2]) and np.all(np.isfinite(errors[:2]))
+
+
+def test_warnings_name_poorly_determined_and_bound_coefficients():
+    design = np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [3.0, 5.0, 0.0]])
+    beta = np.array([1e-3, 2e-5, 0.0])
+    notes = identifiability_warnings(
+        beta, np.inf, design, std_error=np.array([1e-6, 5e-6, np.nan])
+    )
+    assert any("beta1 is poorly determined" in note for note in notes)
+    assert not any("beta0" in note for note in notes)
+    assert any("beta2 multiplies an all-zero" in note for note in notes)
+    # The two other columns are independent: no rank warning for them.
+    assert not any("rank-deficient" in note for note in notes)
