@@ -15,6 +15,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pandas as pd
 
 from jaxbeta._api import (
@@ -52,6 +53,8 @@ RECOMMENDED = {
     "accelerate_below": 0.05,
 }
 """The defaults of :func:`fit` (see its docstring for the evidence)."""
+FLOAT32_TOL = 1e-5
+"""fit's default ``tol`` with ``dtype="float32"``."""
 # Chosen on benchmarks/ACCURACY.md; change them only with a new benchmark run.
 
 
@@ -159,7 +162,8 @@ def fit(
       min_duration_sec: clamp T_i = max(t_end - t_start, min_duration_sec).
       request_id_col, phase_type_col, t_start_col, t_end_col,
         prefill_tokens_col, decode_tokens_col, n_steps_col: column names.
-      dtype: ``float64`` (default) or ``float32``.
+      dtype: ``float64`` (default) or ``float32`` (then ``tol`` defaults to
+        ``FLOAT32_TOL``, 1e-5).
       n_pad: padded row count (default: the next power of two); traces with
         the same ``n_pad`` share one compiled program.
       **options: overrides of :data:`RECOMMENDED`: ``row_weight`` (``none``,
@@ -190,6 +194,9 @@ def fit(
             f"unknown option(s) {unknown}; fit accepts {sorted(RECOMMENDED)}"
         )
     settings = {**RECOMMENDED, **options}
+    if "tol" not in options and resolve_dtype(dtype) == np.float32:
+        # 1e-9 is below float32 resolution: the loop would never stop.
+        settings["tol"] = FLOAT32_TOL
     chunk = check_chunk_size(chunk_size)
     min_duration = check_min_duration(min_duration_sec)
     check_mode("row_weight", settings["row_weight"], ROW_WEIGHTS)

@@ -310,3 +310,13 @@ def test_warnings_name_poorly_determined_and_bound_coefficients():
     assert any("beta2 multiplies an all-zero" in note for note in notes)
     # The two other columns are independent: no rank warning for them.
     assert not any("rank-deficient" in note for note in notes)
+
+
+def test_fit_in_float32_stops_at_a_reachable_tolerance():
+    simulation = _simulate(*CYCLING[1])
+    result = jaxbeta.fit(
+        simulation.phases, chunk_size=CYCLING[1][1], n_pad=N_PAD, dtype="float32"
+    )
+    assert result.stop_reason == "converged"
+    assert result.settings["tol"] == 1e-5
+    np.testing.assert_allclose(result.beta, simulation.beta, rtol=1e-3)
