@@ -4,7 +4,8 @@ request-level traces, in JAX.
 Public API (see README.md):
 
 - estimators: :func:`estimate_betas_baseline`, :func:`estimate_betas_iterative`
-  (drop-ins for the reference's entry points);
+  (drop-ins for the reference's entry points) and :func:`fit` (the
+  recommended estimator, see the README);
 - array level: :func:`prepare_trace`, :func:`fit_baseline_arrays`,
   :func:`fit_iterative_arrays` (pure, jit-ed, vmap-able);
 - many traces: :func:`fit_many`, :func:`sweep`, :func:`best_chunk_size`;
@@ -30,6 +31,7 @@ from jaxbeta._io import read_trace, write_otlp_spans
 from jaxbeta._iterative import IterativeFit, fit_iterative_arrays
 from jaxbeta._plot import plot_fit
 from jaxbeta._precision import float64
+from jaxbeta._recommended import fit
 from jaxbeta._results import BaselineResult, IterativeResult, StopReason
 from jaxbeta._sensitivity import (
     BootstrapResult,
@@ -62,6 +64,7 @@ __all__ = [
     "bucket_size",
     "estimate_betas_baseline",
     "estimate_betas_iterative",
+    "fit",
     "fit_baseline_arrays",
     "fit_many",
     "fit_iterative_arrays",

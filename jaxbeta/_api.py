@@ -23,6 +23,7 @@ from jaxbeta._boundary import (
     prepare_trace,
 )
 from jaxbeta._correction import TRACE_ONLY_MODES
+from jaxbeta._fixed_point import check_solver_options
 from jaxbeta._iterative import (
     INIT_MODES,
     ITERATIVE_MODES,
@@ -36,12 +37,20 @@ from jaxbeta._robust import check_huber_scale, check_loss
 __all__ = [
     "baseline_result",
     "estimate_betas_baseline",
+    "coefficient_std_errors",
     "estimate_betas_iterative",
     "identifiability_warnings",
     "iterative_result",
 ]
 
 COND_WARN = 1e8
+"""Scaled condition number of X^T X above which the design counts as nearly
+rank-deficient (well-posed traces have 5 to 40; see the parity README)."""
+REL_STD_ERROR_WARN = 0.05
+"""A positive coefficient whose standard error exceeds this fraction of its
+value is reported as poorly determined. (On the accuracy benchmark's noisy
+traces the actual error was a median 1.0-1.5 times, and a 90th percentile
+about 3 times, the standard error.)"""
 
 
 def _columns(
@@ -66,10 +75,86 @@ def check_mode(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def coefficient_std_errors(
+    design: np.ndarray,
+    target: np.ndarray,
+    beta: np.ndarray,
+    weight: np.ndarray | None = None,
+) -> np.ndarray:
+    """Least-squares standard errors of the positive coefficients.
+
+    ``sqrt(diag(sigma^2 (X_S^T W X_S)^-1))`` over the support S (the positive
+    coefficients), with ``sigma^2 = sum(w r^2) / (n - |S|)`` from the fit's
+    residuals r. It treats the design as fixed and the rows as independent,
+    so it understates the uncertainty when phases overlap (they share step
+    noise); read it as a lower bound and as a collinearity signal.
+
+    Args:
+      design: [n, 3] design rows (steps, prefill exposure, decode exposure).
+      target: [n] durations T_i, seconds.
+      beta: [3] the estimate.
+      weight: optional [n] row weights of the fit.
+
+    Returns:
+      [3] standard errors in the units of beta (NaN for coefficients at 0 and
+      when there are no spare degrees of freedom).
+    """
+    design = np.asarray(design, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    weight = np.ones(len(target)) if weight is None else np.asarray(weight, float)
+    errors = np.full(3, np.nan)
+    free = np.asarray(beta) > 0
+    rows = int(np.sum(weight > 0))
+    spare = rows - int(free.sum())
+    if not free.any() or spare <= 0:
+        return errors
+    residual = target - design @ beta
+    sigma2 = float(np.sum(weight * residual**2)) / spare
+    columns = design[:, free]
+    gram = columns.T @ (weight[:, None] * columns)
+    scale = np.sqrt(np.diag(gram))
+    if not np.all(scale > 0):
+        return errors
+    covariance = np.linalg.pinv(gram / np.outer(scale, scale)) / np.outer(scale, scale)
+    errors[free] = np.sqrt(np.maximum(np.diag(covariance) * sigma2, 0.0))
+    return errors
+
+
+def _condition_number(design: np.ndarray, weight: np.ndarray | None) -> float:
+    """Scaled condition number of the Gram matrix of the non-zero columns."""
+    weight = np.ones(len(design)) if weight is None else np.asarray(weight, float)
+    gram = design.T @ (weight[:, None] * design)
+    keep = np.diag(gram) > 0
+    if not keep.any():
+        return np.inf
+    gram = gram[np.ix_(keep, keep)]
+    scale = np.sqrt(np.diag(gram))
+    eigenvalues = np.linalg.eigvalsh(gram / np.outer(scale, scale))
+    return float(eigenvalues[-1] / max(eigenvalues[0], 0.0))
+
+
 def identifiability_warnings(
-    beta: np.ndarray, cond_scaled: float, design: np.ndarray
+    beta: np.ndarray,
+    cond_scaled: float,
+    design: np.ndarray,
+    std_error: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
 ) -> list[str]:
-    """Plain-language caveats about coefficients the trace cannot pin down."""
+    """Plain-language caveats about coefficients the trace cannot pin down.
+
+    Args:
+      beta: [3] the estimate.
+      cond_scaled: scaled condition number of the NNLS Gram matrix.
+      design: [n, 3] the NNLS design.
+      std_error: optional [3] standard errors (see
+        :func:`coefficient_std_errors`); a positive coefficient whose error
+        exceeds ``REL_STD_ERROR_WARN`` of its value gets a note.
+      weight: optional [n] row weights of the fit.
+
+    Returns:
+      Notes, in this order: per coefficient (zero column, at the bound 0,
+      poorly determined), then the design's near rank deficiency.
+    """
     notes = []
     names = ("beta0", "beta1", "beta2")
     column_norm = np.sqrt(np.sum(design**2, axis=0))
@@ -84,12 +169,26 @@ def identifiability_warnings(
                 f"{name} sits at the bound 0: the non-negativity constraint is "
                 "active, so the trace does not support a positive value"
             )
+        elif std_error is not None and std_error[j] > REL_STD_ERROR_WARN * beta[j]:
+            notes.append(
+                f"{name} is poorly determined: its standard error is "
+                f"{std_error[j] / beta[j]:.0%} of its value"
+            )
+    if (column_norm == 0).any():
+        # An all-zero column is reported above; judge the others on their own.
+        cond_scaled = _condition_number(design, weight)
     if not np.isfinite(cond_scaled) or cond_scaled > COND_WARN:
         notes.append(
             f"the NNLS design is nearly rank-deficient (scaled condition number "
             f"{cond_scaled:.3g}): the betas are not uniquely determined"
         )
     return notes
+
+
+def _warn_rank_deficiency(notes: list[str]) -> None:
+    for note in notes:
+        if "rank-deficient" in note:
+            warnings.warn(note, UserWarning, stacklevel=3)
 
 
 def _check_finite_features(prepared: PreparedTrace, named: dict[str, np.ndarray]):
@@ -190,11 +289,6 @@ def _row_columns(fit, n: int) -> tuple[np.ndarray, ...]:
     )
 
 
-def _warn_if_ill_conditioned(cond: float, notes: list[str]) -> None:
-    if cond > COND_WARN or not np.isfinite(cond):
-        warnings.warn(notes[-1], UserWarning, stacklevel=3)
-
-
 def baseline_result(
     fit, prepared: PreparedTrace, chunk: float, settings: dict[str, Any]
 ) -> BaselineResult:
@@ -218,7 +312,8 @@ def baseline_result(
         raise ValueError(f"the NNLS fit produced non-finite betas {beta.tolist()}")
     design = np.stack([steps, exposure_prefill, exposure_decode], axis=1)
     cond = float(fit.stats.cond_scaled)
-    notes = identifiability_warnings(beta, cond, design)
+    std_error = coefficient_std_errors(design, duration, beta)
+    notes = identifiability_warnings(beta, cond, design, std_error)
     diagnostics = {
         "n_phases": float(n),
         "r2": float(fit.stats.r2),
@@ -228,9 +323,10 @@ def baseline_result(
         "mean_A_pf_tokens": float(exposure_prefill.mean()),
         "mean_A_dec_tokens": float(exposure_decode.mean()),
         "cond_scaled": cond,
+        "beta_std_error": [float(v) for v in std_error],
         "warnings": notes,
     }
-    _warn_if_ill_conditioned(cond, notes)
+    _warn_rank_deficiency(notes)
     features = pd.DataFrame(
         {
             "N_i": steps,
@@ -271,6 +367,12 @@ def estimate_betas_iterative(
     dtype: str = "float64",
     loss: str = "squared",
     huber_scale: float | None = None,
+    solver: str = "picard",
+    stop_rule: str = "absolute",
+    prefill_update: str = "lagged",
+    anderson_memory: int = 3,
+    inner_iters: int = 4,
+    accelerate_below: float = 0.05,
 ) -> IterativeResult:
     """Iterative MM step-density reweighting estimate (SPEC section 7).
 
@@ -299,9 +401,23 @@ def estimate_betas_iterative(
       huber_scale: Huber delta in seconds, fixed for the whole fit; ``None``
         (default) uses ``1.345 * 1.4826 * median |r_i|`` of the squared-loss
         initialisation fit.
+      solver: jaxbeta's option: ``picard`` (default, the reference's plain
+        iteration), ``anderson`` or ``newton`` (safeguarded accelerations of
+        the same fixed point; see ``jaxbeta._fixed_point``).
+      stop_rule: jaxbeta's option: ``absolute`` (default, ``||d||_2 < tol``
+        in seconds) or ``relative`` (every coefficient's change below ``tol``
+        of its own size; a coefficient at 0 never blocks).
+      prefill_update: jaxbeta's option: ``lagged`` (default, the reference's)
+        or ``consistent`` (the effective prefill pressure solved for the
+        current beta instead of carried from the previous iteration).
+      anderson_memory: past differences kept by ``solver="anderson"`` (>= 1).
+      inner_iters: sweeps of the ``consistent`` update per iteration with
+        ``beta_informed`` (>= 1).
+      accelerate_below: ``anderson``/``newton`` accelerate only once every
+        coefficient's plain step is below this fraction of its size (> 0).
 
     Returns:
-      An :class:`IterativeResult`.
+      An :class:`IterativeResult`. The defaults reproduce the reference.
 
     Raises:
       ValueError: for invalid parameters or rows (the message names them).
@@ -313,6 +429,10 @@ def estimate_betas_iterative(
     iters, tol_value, eta = check_loop_settings(max_outer_iters, tol, damping_eta)
     check_loss(loss)
     huber_value = check_huber_scale(huber_scale)
+    check_solver_options(
+        solver, stop_rule, prefill_update, anderson_memory, inner_iters
+    )
+    accelerate = check_accelerate_below(accelerate_below)
     np_dtype = resolve_dtype(dtype)
     columns = _columns(
         request_id_col, phase_type_col, t_start_col, t_end_col,
@@ -331,6 +451,12 @@ def estimate_betas_iterative(
             init_via_baseline_correction=init_via_baseline_correction,
             loss=loss,
             huber_scale=None if huber_value is None else np_dtype.type(huber_value),
+            solver=solver,
+            stop_rule=stop_rule,
+            prefill_update=prefill_update,
+            anderson_memory=int(anderson_memory),
+            inner_iters=int(inner_iters),
+            accelerate_below=np_dtype.type(accelerate),
         )
         fit = jax.device_get(fit)
     settings = {
@@ -343,6 +469,12 @@ def estimate_betas_iterative(
         "dtype": np_dtype.name,
         "loss": loss,
         "huber_scale": huber_value,
+        "solver": solver,
+        "stop_rule": stop_rule,
+        "prefill_update": prefill_update,
+        "anderson_memory": int(anderson_memory),
+        "inner_iters": int(inner_iters),
+        "accelerate_below": accelerate,
     }
     return iterative_result(fit, prepared, chunk, settings)
 
@@ -354,6 +486,19 @@ def _as_float(name: str, value: Any, expected: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"`{name}` must be {expected}, got {value!r}") from None
+
+
+def check_accelerate_below(accelerate_below) -> float:
+    """Validates ``accelerate_below`` (> 0, may be infinite); returns a float."""
+    try:
+        value = float(accelerate_below)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`accelerate_below` must be a number > 0, got {accelerate_below!r}"
+        ) from None
+    if not value > 0:
+        raise ValueError(f"`accelerate_below` must be > 0, got {accelerate_below!r}")
+    return value
 
 
 def check_loop_settings(max_outer_iters, tol, damping_eta) -> tuple[int, float, float]:
@@ -376,9 +521,17 @@ def check_loop_settings(max_outer_iters, tol, damping_eta) -> tuple[int, float, 
 
 
 def iterative_result(
-    fit, prepared: PreparedTrace, chunk: float, settings: dict[str, Any]
+    fit,
+    prepared: PreparedTrace,
+    chunk: float,
+    settings: dict[str, Any],
+    weight: np.ndarray | None = None,
 ) -> IterativeResult:
-    """Converts a host copy of an :class:`IterativeFit` to the public record."""
+    """Converts a host copy of an :class:`IterativeFit` to the public record.
+
+    ``weight`` ([n_pad] or [n]) are the fit's row weights, if any; they enter
+    the standard errors and the condition number of the diagnostics.
+    """
     n = prepared.n_phases
     m = int(fit.n_outer_iters)
     steps, duration, exposure_prefill, exposure_decode = _row_columns(fit, n)
@@ -398,20 +551,28 @@ def iterative_result(
         "rmse_seconds": [float(v) for v in fit.history_rmse[:m]],
         "lambda_floor_segments": [int(v) for v in fit.lambda_floor_segments[:m]],
     }
+    history_stop = getattr(fit, "history_stop", None)
+    if history_stop is not None:
+        history["stop_measure"] = [float(v) for v in history_stop[:m]]
     stop_reason = stop_reason_name(int(fit.stop_code))
     converged = bool(fit.converged)
     design = np.stack([steps, exposure_prefill, exposure_decode], axis=1)
     cond = float(fit.stats.cond_scaled)
-    notes = identifiability_warnings(beta, cond, design)
+    if weight is not None:
+        weight = np.asarray(weight, dtype=np.float64)[:n]
+    std_error = coefficient_std_errors(design, duration, beta, weight)
+    notes = identifiability_warnings(beta, cond, design, std_error, weight)
     if stop_reason == "cycle":
         notes.append(
             "the MM loop ended in a period-2 cycle; the result is the last "
             "iterate, as in the reference (history shows both states)"
         )
     elif stop_reason == "max_iters":
+        last = history.get("stop_measure", history["delta_beta_l2"])[-1]
+        rule = settings.get("stop_rule", "absolute")
         notes.append(
             f"the MM loop hit max_outer_iters={m} without meeting tol "
-            f"(last step {history['delta_beta_l2'][-1]:.3g})"
+            f"(last {rule} step {last:.3g})"
         )
     elif stop_reason == "non_finite":
         notes.append("an iterate became non-finite; the loop stopped there")
@@ -434,9 +595,13 @@ def iterative_result(
         "n_phases": float(n),
         "stop_reason": stop_reason,
         "cond_scaled": cond,
+        "beta_std_error": [float(v) for v in std_error],
         "warnings": notes,
     }
-    _warn_if_ill_conditioned(cond, notes)
+    _warn_rank_deficiency(notes)
+    n_fallbacks = getattr(fit, "n_fallbacks", None)
+    if n_fallbacks is not None:
+        diagnostics["n_fallbacks"] = int(n_fallbacks)
     features = pd.DataFrame(
         {
             "N_i": steps,

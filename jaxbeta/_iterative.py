@@ -61,6 +61,8 @@ class IterativeFit(NamedTuple):
     """Array-level result of the MM fit (a pytree; vmaps over traces).
 
     ``H = max_outer_iters``; history rows past ``n_outer_iters`` are NaN.
+    With the solver options of ``_fixed_point``, ``history_beta`` holds the
+    points evaluated (accepted or not) and ``beta`` the returned estimate.
     """
 
     beta: jax.Array  # [3] last iterate beta^(m)
@@ -82,6 +84,9 @@ class IterativeFit(NamedTuple):
     # [S] ptilde^(m) of the last iterate, tokens/step: with ``beta`` the full
     # MM state, the point at which the fit is differentiated implicitly.
     effective_prefill: jax.Array
+    # jaxbeta's solver options (``_fixed_point``); the defaults fill them too.
+    history_stop: jax.Array | None = None  # [H] the stop rule's measure
+    n_fallbacks: jax.Array | None = None  # [] int32, rejected proposals
 
 
 class _Carry(NamedTuple):
@@ -198,6 +203,97 @@ def mm_context(
     )
 
 
+def step_rates(
+    context: MMContext, beta: jax.Array, effective_prefill: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Local step rates lambda = 1 / Delta on every segment (SPEC 7, step 1).
+
+    Args:
+      context: from :func:`mm_context`.
+      beta: [3] (s/step, s/token, s/token).
+      effective_prefill: [S] ptilde, tokens per step.
+
+    Returns:
+      ``(full_step_rate [S], step_rate [S], floor_hits [])``: lambda in steps
+      per second on every segment; the same, zeroed on segments inside no
+      phase; and the number of busy, positive-length segments whose step time
+      sits at the 1e-12 s floor.
+    """
+    step_time = beta[0] + beta[1] * effective_prefill
+    step_time = step_time + beta[2] * context.decode_pressure
+    at_floor = step_time < STEP_TIME_FLOOR
+    full_step_rate = 1.0 / jnp.maximum(step_time, STEP_TIME_FLOOR)
+    step_rate = jnp.where(context.busy, full_step_rate, 0.0)
+    floor_hits = jnp.sum(
+        at_floor & context.busy & (context.grid.length > 0), dtype=jnp.int32
+    )
+    return full_step_rate, step_rate, floor_hits
+
+
+def lagged_effective_prefill(
+    context: MMContext,
+    full_step_rate: jax.Array,
+    step_rate: jax.Array,
+    prefill_correction_mode: str,
+    running_steps: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """ptilde^(m) from the frozen rates of ptilde^(m-1) (SPEC 7, steps 2-3).
+
+    Args:
+      running_steps: optional ``prefix_integral_compensated(grid, step_rate)``
+        shared with :func:`mm_design`.
+
+    Returns:
+      [S] tokens per step.
+    """
+    if prefill_correction_mode == "beta_informed":
+        correction = beta_informed_correction(
+            context.grid,
+            context.arrays,
+            context.missing,
+            context.steps,
+            step_rate,
+            running_steps,
+        )
+    else:
+        correction = context.fixed_correction
+    return jnp.maximum(
+        context.prefill_pressure
+        - correction / jnp.maximum(full_step_rate, STEP_RATE_FLOOR),
+        0.0,
+    )
+
+
+def mm_design(
+    context: MMContext,
+    step_rate: jax.Array,
+    effective_prefill: jax.Array,
+    running_steps: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """NNLS design ``[N_i, N_i pbar_pf_i, N_i pbar_dec_i]`` (SPEC 7, steps 4-5).
+
+    Args:
+      context: from :func:`mm_context`.
+      step_rate: [S] lambda weighting the pressures, steps per second.
+      effective_prefill: [S] ptilde, tokens per step.
+      running_steps: optional ``prefix_integral_compensated(grid, step_rate)``.
+
+    Returns:
+      [n, 3] design rows (0 on padding rows).
+    """
+    if running_steps is None:
+        running_steps = prefix_integral_compensated(context.grid, step_rate)
+    exposure_prefill, exposure_decode = _weighted_features(
+        context.grid,
+        context.arrays,
+        context.steps,
+        step_rate,
+        effective_prefill,
+        running_steps,
+    )
+    return jnp.stack([context.steps, exposure_prefill, exposure_decode], axis=1)
+
+
 def mm_step(
     context: MMContext,
     beta: jax.Array,
@@ -220,41 +316,13 @@ def mm_step(
     Returns:
       An :class:`MMStep`.
     """
-    grid = context.grid
-    step_time = beta[0] + beta[1] * effective_prefill
-    step_time = step_time + beta[2] * context.decode_pressure
-    at_floor = step_time < STEP_TIME_FLOOR
-    full_step_rate = 1.0 / jnp.maximum(step_time, STEP_TIME_FLOOR)
-    step_rate = jnp.where(context.busy, full_step_rate, 0.0)
-    floor_hits = jnp.sum(at_floor & context.busy & (grid.length > 0), dtype=jnp.int32)
-
+    full_step_rate, step_rate, floor_hits = step_rates(context, beta, effective_prefill)
     # Running integral of lambda, shared by the correction and the features.
-    running_steps = prefix_integral_compensated(grid, step_rate)
-    if prefill_correction_mode == "beta_informed":
-        correction = beta_informed_correction(
-            grid,
-            context.arrays,
-            context.missing,
-            context.steps,
-            step_rate,
-            running_steps,
-        )
-    else:
-        correction = context.fixed_correction
-    new_effective_prefill = jnp.maximum(
-        context.prefill_pressure
-        - correction / jnp.maximum(full_step_rate, STEP_RATE_FLOOR),
-        0.0,
+    running_steps = prefix_integral_compensated(context.grid, step_rate)
+    new_effective_prefill = lagged_effective_prefill(
+        context, full_step_rate, step_rate, prefill_correction_mode, running_steps
     )
-    exposure_prefill, exposure_decode = _weighted_features(
-        grid,
-        context.arrays,
-        context.steps,
-        step_rate,
-        new_effective_prefill,
-        running_steps,
-    )
-    design = jnp.stack([context.steps, exposure_prefill, exposure_decode], axis=1)
+    design = mm_design(context, step_rate, new_effective_prefill, running_steps)
     gram, rhs = gram_system(design, context.duration, context.row_weight)
     solution = solve_nnls(gram, rhs, init=beta if init is None else init)
     if huber_delta is not None:
@@ -268,8 +336,8 @@ def mm_step(
     return MMStep(
         fit_beta=solution.beta,
         effective_prefill=new_effective_prefill,
-        exposure_prefill=exposure_prefill,
-        exposure_decode=exposure_decode,
+        exposure_prefill=design[:, 1],
+        exposure_decode=design[:, 2],
         stats=stats,
         floor_hits=floor_hits,
     )
@@ -326,6 +394,11 @@ def initial_huber_scale(
         "init_via_baseline_correction",
         "max_outer_iters",
         "loss",
+        "solver",
+        "stop_rule",
+        "prefill_update",
+        "anderson_memory",
+        "inner_iters",
     ),
 )
 def fit_iterative_arrays(
@@ -340,6 +413,12 @@ def fit_iterative_arrays(
     weight: jax.Array | None = None,
     loss: str = "squared",
     huber_scale: jax.Array | None = None,
+    solver: str = "picard",
+    stop_rule: str = "absolute",
+    prefill_update: str = "lagged",
+    anderson_memory: int = 3,
+    inner_iters: int = 4,
+    accelerate_below: jax.Array = 0.05,
 ) -> IterativeFit:
     """MM fit of one padded trace: pure, jit-ed, vmap-able (SPEC section 7).
 
@@ -359,10 +438,54 @@ def fit_iterative_arrays(
         NNLS fit, the initialisation included, minimises the Huber loss.
       huber_scale: Huber delta in seconds, fixed for the whole fit; default
         ``1.345 * 1.4826 * median |r_i|`` of the squared-loss initialisation.
+      solver: static; ``picard`` (default: the reference's iteration),
+        ``anderson`` or ``newton`` (safeguarded accelerations; see
+        ``jaxbeta._fixed_point``).
+      stop_rule: static; ``absolute`` (default: ``||d||_2 < tol`` in seconds)
+        or ``relative`` (every coefficient's change below ``tol`` of its own
+        size; coefficients at 0 never block).
+      prefill_update: static; ``lagged`` (default: ptilde from the previous
+        iteration's step rate) or ``consistent`` (ptilde solved for the
+        current beta, so the fixed-point variable is beta alone).
+      anderson_memory: static; past differences kept by ``anderson`` (>= 1).
+      inner_iters: static; ``consistent`` sweeps per outer iteration for
+        ``beta_informed`` (the trace-only corrections need none).
+      accelerate_below: ``anderson``/``newton`` take plain damped steps until
+        every coefficient's Picard step is below this fraction of its size,
+        then accelerate (far from the fixed point T is strongly nonlinear and
+        an extrapolated step lands on the NNLS bounds).
 
     Returns:
-      An :class:`IterativeFit`.
+      An :class:`IterativeFit`. With the default solver options it runs
+      exactly the reference's loop; any other ``solver``/``stop_rule``/
+      ``prefill_update`` runs ``jaxbeta._fixed_point.fit_fixed_point_arrays``
+      (squared loss only).
     """
+    if (solver, stop_rule, prefill_update) != ("picard", "absolute", "lagged"):
+        if check_loss(loss) != "squared":
+            raise ValueError(
+                "loss='huber' works with the default solver options only "
+                "(solver='picard', stop_rule='absolute', prefill_update='lagged')"
+            )
+        from jaxbeta._fixed_point import fit_fixed_point_arrays
+
+        return fit_fixed_point_arrays(
+            arrays,
+            chunk_size,
+            min_duration_sec,
+            prefill_correction_mode,
+            max_outer_iters,
+            tol,
+            damping_eta,
+            init_via_baseline_correction,
+            weight,
+            solver=solver,
+            stop_rule=stop_rule,
+            prefill_update=prefill_update,
+            anderson_memory=anderson_memory,
+            inner_iters=inner_iters,
+            accelerate_below=accelerate_below,
+        )
     context = mm_context(
         arrays, chunk_size, min_duration_sec, prefill_correction_mode, weight
     )
@@ -469,4 +592,6 @@ def fit_iterative_arrays(
         lambda_floor_segments=final.floor_hits,
         n_phases=jnp.sum(arrays.valid),
         effective_prefill=final.effective_prefill,
+        history_stop=final.history_delta,
+        n_fallbacks=jnp.array(0, dtype=jnp.int32),
     )

@@ -76,20 +76,24 @@ class BaselineResult:
 
 @dataclasses.dataclass(frozen=True)
 class IterativeResult:
-    """Result of :func:`jaxbeta.estimate_betas_iterative`.
+    """Result of :func:`jaxbeta.estimate_betas_iterative` and :func:`jaxbeta.fit`.
 
     Attributes:
-      beta0, beta1, beta2: the last iterate beta^(m) (seconds/step,
-        seconds/token, seconds/token).
-      converged: whether the stop rule ``d < tol`` was met.
-      n_outer_iters: outer iterations executed.
+      beta0, beta1, beta2: the estimate (seconds/step, seconds/token,
+        seconds/token): the last iterate beta^(m) for the plain (Picard)
+        iteration, T at the last accepted iterate for ``anderson``/``newton``.
+      converged: whether the stop rule (``d < tol``) was met.
+      n_outer_iters: outer iterations executed (MM map evaluations).
       stop_reason: one of :class:`StopReason` (``converged``, ``max_iters``,
         ``cycle``, ``non_finite``).
       diagnostics: SPEC section 7 keys (same names as the reference) plus
-        ``stop_reason``, ``cond_scaled`` and ``warnings``.
+        ``stop_reason``, ``cond_scaled``, ``beta_std_error`` (least-squares
+        standard errors, NaN for coefficients at 0), ``n_fallbacks``
+        (rejected accelerated steps) and ``warnings``.
       history: dict with ``beta`` (list of (beta0, beta1, beta2) tuples,
         ``n_outer_iters + 1`` entries starting with the initialisation),
-        ``delta_beta_l2``, ``r2`` and ``rmse_seconds`` (one per iteration).
+        ``delta_beta_l2``, ``stop_measure`` (the stop rule's measure), ``r2``
+        and ``rmse_seconds`` (one per iteration).
       features: DataFrame in input row order: ``N_i``, ``T_i`` and the last
         iteration's ``exp_pf``/``exp_dec`` (= N_i * pbar_pf_i, N_i * pbar_dec_i).
     """
@@ -105,7 +109,7 @@ class IterativeResult:
     features: pd.DataFrame
     chunk_size: float = 0.0
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-    algo: str = "iterative"
+    algo: str = "iterative"  # "recommended" for jaxbeta.fit
 
     @property
     def beta(self) -> np.ndarray:
