@@ -433,6 +433,17 @@ def estimate_betas_iterative(
         solver, stop_rule, prefill_update, anderson_memory, inner_iters
     )
     accelerate = check_accelerate_below(accelerate_below)
+    if loss == "huber" and (solver, stop_rule, prefill_update) != (
+        "picard",
+        "absolute",
+        "lagged",
+    ):
+        raise ValueError(
+            "loss='huber' works with the default solver options only "
+            "(solver='picard', stop_rule='absolute', prefill_update='lagged'), "
+            f"got solver={solver!r}, stop_rule={stop_rule!r}, "
+            f"prefill_update={prefill_update!r}"
+        )
     np_dtype = resolve_dtype(dtype)
     columns = _columns(
         request_id_col, phase_type_col, t_start_col, t_end_col,

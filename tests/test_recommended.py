@@ -276,6 +276,14 @@ def test_iterative_rejects_bad_solver_options():
         jaxbeta.estimate_betas_iterative(table, chunk_size=512, solver="secant")
     with pytest.raises(ValueError, match="inner_iters"):
         jaxbeta.estimate_betas_iterative(table, chunk_size=512, inner_iters=0)
+    # The fixed-point solvers fit squared loss only: say so rather than
+    # silently dropping the Huber loss.
+    with pytest.raises(ValueError, match="huber"):
+        jaxbeta.estimate_betas_iterative(
+            table, chunk_size=512, loss="huber", solver="anderson"
+        )
+    with pytest.raises(ValueError, match="loss"):
+        jaxbeta.fit(table, chunk_size=512, loss="huber")
 
 
 def test_std_errors_are_the_least_squares_ones():
