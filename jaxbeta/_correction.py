@@ -245,6 +245,6 @@ def beta_informed_correction(
     open_windows = _scatter_to_segments(
         opened, jnp.where(active, segment + 1, 0), n_segments + 1
     ) - _scatter_to_segments(opened, end, n_segments + 1)
-    covered = jnp.cumsum(open_windows)[:n_segments] > 0
+    covered = prefix_sum(open_windows)[:n_segments] > 0
     coefficient = jnp.where(covered, coefficient, 0.0)
     return partial_rate + step_rate * coefficient
