@@ -531,6 +531,42 @@ def check_loop_settings(max_outer_iters, tol, damping_eta) -> tuple[int, float, 
     return int(max_outer_iters), tol_value, eta
 
 
+def _check_initialisation(
+    fit, prepared: PreparedTrace, chunk: float, settings: dict[str, Any]
+) -> None:
+    """Raises where the baseline initialisation of the MM loop is not finite.
+
+    The reference starts the loop from its baseline estimator, which raises on
+    non-finite exposures or betas (e.g. step counts near the float64 range);
+    the iterative estimators raise the same way instead of returning NaN
+    betas. The exposures are recomputed only in that rare case, to name the
+    offending rows.
+    """
+    init_beta = np.asarray(fit.init_beta, dtype=np.float64)
+    if np.all(np.isfinite(init_beta)):
+        return
+    mode = settings["init_via_baseline_correction"]
+    dtype = np.dtype(settings["dtype"])
+    with precision_context(dtype):
+        baseline = jax.device_get(
+            fit_baseline_arrays(
+                prepared.arrays,
+                dtype.type(chunk),
+                dtype.type(settings["min_duration_sec"]),
+                correction_mode=mode,
+            )
+        )
+    _, _, exposure_prefill, exposure_decode = _row_columns(baseline, prepared.n_phases)
+    what = f"the baseline initialisation (init_via_baseline_correction={mode!r})"
+    try:
+        _check_finite_features(
+            prepared, {"A_pf_i": exposure_prefill, "A_dec_i": exposure_decode}
+        )
+    except ValueError as error:
+        raise ValueError(f"{what} failed: {error}") from None
+    raise ValueError(f"{what} produced non-finite betas {init_beta.tolist()}")
+
+
 def iterative_result(
     fit,
     prepared: PreparedTrace,
@@ -552,6 +588,7 @@ def iterative_result(
         prepared,
         {"N_i": steps, "T_i": duration, "lambda_hat_i": step_rate_hat},
     )
+    _check_initialisation(fit, prepared, chunk, settings)
     beta = np.asarray(fit.beta, dtype=np.float64)
     init_beta = np.asarray(fit.init_beta, dtype=np.float64)
     history_beta = np.asarray(fit.history_beta[: m + 1], dtype=np.float64)

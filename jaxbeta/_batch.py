@@ -173,7 +173,8 @@ def fit_summary(
 
     ``checks_pass`` mirrors the host checks that ``estimate_betas_*`` run on
     the fit (finite N_i, T_i, lambda_hat_i; for the baseline also finite
-    exposures and betas); the host re-runs the single-trace estimator for
+    exposures and betas, for the iterative fit a finite initialisation); the
+    host re-runs the single-trace estimator for
     the rare entry where it is False, to report its exact message.
 
     Args:
@@ -215,7 +216,8 @@ def fit_summary(
         converged = fit.converged
         n_outer_iters = fit.n_outer_iters.astype(jnp.int32)
         stop_code = fit.stop_code.astype(jnp.int32)
-        extra_checks = ()
+        # The single-trace estimator raises on a non-finite initialisation.
+        extra_checks = (fit.init_beta,)
     steps = jnp.where(valid, fit.steps, 0.0)
     duration = jnp.where(valid, fit.duration, 1.0)
     checks_pass = _all_finite(steps, duration, steps / duration, *extra_checks)

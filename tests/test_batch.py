@@ -168,9 +168,12 @@ def test_bad_traces_are_isolated(small):
     nonpositive.loc[3, "t_end"] = nonpositive.loc[3, "t_start"]
     nan_time = sample.copy()
     nan_time.loc[1, "t_start"] = np.nan
+    overflowing = sample.copy()
+    overflowing["N_steps"] = 1e308  # valid rows; the initialisation overflows
     bad = {
         "nonpositive": nonpositive,
         "nan_time": nan_time,
+        "overflowing": overflowing,
         "no_decode_column": sample.drop(columns=["decode_tokens"]),
         "empty": sample.iloc[:0],
         "not_a_table": 42,

@@ -369,6 +369,21 @@ def test_non_finite_derived_steps_are_rejected():
     assert "row-a" in message
 
 
+def test_iterative_rejects_a_non_finite_initialisation():
+    # Step counts near the float64 range overflow the initialising baseline's
+    # exposures: the reference's baseline raises there, and the iterative
+    # estimator raises too instead of returning NaN betas.
+    table = clean_table()
+    table["N_steps"] = 1e308
+    baseline = rejection(table, match=r"non-finite A_pf_i")
+    iterative = rejection(
+        table,
+        match=r"baseline initialisation .*non-finite A_pf_i",
+        estimator=estimate_betas_iterative,
+    )
+    assert "row-a" in baseline and "row-a" in iterative
+
+
 # --------------------------------------------------------------------------
 # Accepted inputs
 
