@@ -14,9 +14,9 @@ Timed, in one run, with the iterative estimator and default settings:
 
 - ``fit_many`` on all traces: the first call (compiles one program per
   bucket) and the best of ``--repeat`` warm calls;
-- a Python loop of ``estimate_betas_iterative`` over the first
-  ``--loop-traces`` traces (after one untimed fit per bucket, so that it is
-  warm too), extrapolated linearly to all traces.
+- a Python loop of ``estimate_betas_iterative`` over all traces (after one
+  untimed fit per bucket, so that it is warm too); ``--loop-traces N`` times
+  only the first N and extrapolates linearly, for a quick look.
 
 ``--cpu-devices N`` splits the CPU into N XLA host devices (it sets
 ``XLA_FLAGS`` before JAX starts), so the batch is sharded over N devices.
@@ -42,8 +42,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--loop-traces",
         type=int,
-        default=50,
-        help="traces fitted one by one and extrapolated (default 50)",
+        default=None,
+        help="time the loop on the first N traces only and extrapolate "
+        "(default: all traces, no extrapolation)",
     )
     parser.add_argument("--repeat", type=int, default=2, help="warm batch calls")
     parser.add_argument("--max-batch", type=int, default=None)
@@ -153,17 +154,22 @@ def main(argv: list[str] | None = None) -> None:
     for names in buckets.values():
         name = names[0]
         estimate_betas_iterative(traces[name], chunk_size=chunk_sizes[name])
-    subset = list(traces)[: args.loop_traces]
+    subset = list(traces)[: args.loop_traces or len(traces)]
     start = time.perf_counter()
     for name in subset:
         estimate_betas_iterative(traces[name], chunk_size=chunk_sizes[name])
     loop = time.perf_counter() - start
     per_trace = loop / len(subset)
     extrapolated = per_trace * len(traces)
+    extrapolation = (
+        f"; extrapolated (linearly, not measured) to {len(traces)} traces: "
+        f"{extrapolated:.1f} s"
+        if len(subset) < len(traces)
+        else ""
+    )
     print(
         f"loop of estimate_betas_iterative: {len(subset)} traces timed in "
-        f"{loop:.2f} s = {1 / per_trace:.1f} traces/s; extrapolated (linearly, "
-        f"not measured) to {len(traces)} traces: {extrapolated:.1f} s"
+        f"{loop:.2f} s = {1 / per_trace:.1f} traces/s{extrapolation}"
     )
     print(f"ratio (loop / warm batch): {extrapolated / warm:.2f}x")
 
