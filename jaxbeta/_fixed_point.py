@@ -79,12 +79,9 @@ import jax.numpy as jnp
 from jaxbeta._baseline import FitStats, baseline_exposures, fit_stats
 from jaxbeta._correction import beta_informed_correction
 from jaxbeta._iterative import (
-    CONVERGED,
-    CYCLE,
-    MAX_ITERS,
-    NON_FINITE,
     IterativeFit,
     MMContext,
+    classify_stop,
     initial_beta,
     lagged_effective_prefill,
     mm_context,
@@ -596,20 +593,14 @@ def fit_fixed_point_arrays(
 
     m = final.iteration
     beta = final.anchor_fit if accelerated_solver else final.beta
-    # Period-2 orbit among the evaluated points (as in fit_iterative_arrays).
-    back2 = final.history_beta[jnp.maximum(m - 2, 0)]
-    back3 = final.history_beta[jnp.maximum(m - 3, 0)]
-    previous = final.history_beta[jnp.maximum(m - 1, 0)]
-    cycling = (
-        (m >= 4)
-        & (stop_measure(final.beta, back2, stop_rule, scale) < tol)
-        & (stop_measure(previous, back3, stop_rule, scale) < tol)
+    # A period-2 orbit among the evaluated points, by the stop rule's measure.
+    stop_code = classify_stop(
+        final.history_beta,
+        m,
+        final.finite,
+        final.converged,
+        lambda a, b: stop_measure(a, b, stop_rule, scale) < tol,
     )
-    stop_code = jnp.where(
-        ~final.finite,
-        NON_FINITE,
-        jnp.where(final.converged, CONVERGED, jnp.where(cycling, CYCLE, MAX_ITERS)),
-    ).astype(jnp.int32)
     return IterativeFit(
         beta=beta,
         init_beta=init_beta,

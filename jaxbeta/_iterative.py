@@ -10,6 +10,7 @@ correction modes) and vmaps over padded traces.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -55,6 +56,38 @@ STOP_CODES = ("converged", "max_iters", "cycle", "non_finite")
 
 def stop_reason_name(code: int) -> str:
     return STOP_CODES[int(code)]
+
+
+def classify_stop(
+    history_beta: jax.Array,
+    iteration: jax.Array,
+    finite: jax.Array,
+    converged: jax.Array,
+    close: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """Why an MM loop stopped, as an index into :data:`STOP_CODES`.
+
+    ``non_finite`` wins, then ``converged``; otherwise the loop hit its cap,
+    and ``cycle`` says it was alternating between two states: the last point
+    is ``close`` to the one two steps back, and so is its predecessor.
+
+    Args:
+      history_beta: [H + 1, 3] the points beta^(0..m) (NaN past ``iteration``).
+      iteration: [] m, iterations executed.
+      finite: [] bool, the last point is finite.
+      converged: [] bool, the stop rule was met.
+      close: ``(a, b) -> bool``, the stop rule's "within tol" test.
+
+    Returns:
+      [] int32 stop code.
+    """
+    back = [history_beta[jnp.maximum(iteration - k, 0)] for k in range(4)]
+    cycling = (iteration >= 4) & close(back[0], back[2]) & close(back[1], back[3])
+    return jnp.where(
+        ~finite,
+        NON_FINITE,
+        jnp.where(converged, CONVERGED, jnp.where(cycling, CYCLE, MAX_ITERS)),
+    ).astype(jnp.int32)
 
 
 class IterativeFit(NamedTuple):
@@ -559,21 +592,13 @@ def fit_iterative_arrays(
 
     converged = final.delta < tol
     m = final.iteration
-    # A period-2 orbit: the last iterate equals the one two steps back (and
-    # so does its predecessor) to within tol, while consecutive ones differ.
-    back2 = final.history_beta[jnp.maximum(m - 2, 0)]
-    back3 = final.history_beta[jnp.maximum(m - 3, 0)]
-    previous = final.history_beta[jnp.maximum(m - 1, 0)]
-    cycling = (
-        (m >= 4)
-        & (jnp.linalg.norm(final.beta - back2) < tol)
-        & (jnp.linalg.norm(previous - back3) < tol)
+    stop_code = classify_stop(
+        final.history_beta,
+        m,
+        final.finite,
+        converged,
+        lambda a, b: jnp.linalg.norm(a - b) < tol,
     )
-    stop_code = jnp.where(
-        ~final.finite,
-        NON_FINITE,
-        jnp.where(converged, CONVERGED, jnp.where(cycling, CYCLE, MAX_ITERS)),
-    ).astype(jnp.int32)
     return IterativeFit(
         beta=final.beta,
         init_beta=init_beta,
