@@ -427,23 +427,16 @@ def estimate_betas_iterative(
     check_mode("prefill_correction_mode", prefill_correction_mode, ITERATIVE_MODES)
     check_mode("init_via_baseline_correction", init_via_baseline_correction, INIT_MODES)
     iters, tol_value, eta = check_loop_settings(max_outer_iters, tol, damping_eta)
-    check_loss(loss)
-    huber_value = check_huber_scale(huber_scale)
-    check_solver_options(
-        solver, stop_rule, prefill_update, anderson_memory, inner_iters
+    huber_value, accelerate = check_jaxbeta_options(
+        loss,
+        huber_scale,
+        solver,
+        stop_rule,
+        prefill_update,
+        anderson_memory,
+        inner_iters,
+        accelerate_below,
     )
-    accelerate = check_accelerate_below(accelerate_below)
-    if loss == "huber" and (solver, stop_rule, prefill_update) != (
-        "picard",
-        "absolute",
-        "lagged",
-    ):
-        raise ValueError(
-            "loss='huber' works with the default solver options only "
-            "(solver='picard', stop_rule='absolute', prefill_update='lagged'), "
-            f"got solver={solver!r}, stop_rule={stop_rule!r}, "
-            f"prefill_update={prefill_update!r}"
-        )
     np_dtype = resolve_dtype(dtype)
     columns = _columns(
         request_id_col, phase_type_col, t_start_col, t_end_col,
@@ -488,6 +481,46 @@ def estimate_betas_iterative(
         "accelerate_below": accelerate,
     }
     return iterative_result(fit, prepared, chunk, settings)
+
+
+def check_jaxbeta_options(
+    loss: Any,
+    huber_scale: Any,
+    solver: Any,
+    stop_rule: Any,
+    prefill_update: Any,
+    anderson_memory: Any,
+    inner_iters: Any,
+    accelerate_below: Any,
+) -> tuple[float | None, float]:
+    """Validates the iterative estimator's jaxbeta-only options.
+
+    Returns:
+      ``(huber_scale, accelerate_below)`` as floats (``huber_scale`` may be
+      None: the automatic scale).
+
+    Raises:
+      ValueError: an unknown option value, or ``loss="huber"`` with a
+        non-default solver option.
+    """
+    check_loss(loss)
+    huber_value = check_huber_scale(huber_scale)
+    check_solver_options(
+        solver, stop_rule, prefill_update, anderson_memory, inner_iters
+    )
+    accelerate = check_accelerate_below(accelerate_below)
+    if loss == "huber" and (solver, stop_rule, prefill_update) != (
+        "picard",
+        "absolute",
+        "lagged",
+    ):
+        raise ValueError(
+            "loss='huber' works with the default solver options only "
+            "(solver='picard', stop_rule='absolute', prefill_update='lagged'), "
+            f"got solver={solver!r}, stop_rule={stop_rule!r}, "
+            f"prefill_update={prefill_update!r}"
+        )
+    return huber_value, accelerate
 
 
 def _as_float(name: str, value: Any, expected: str) -> float:

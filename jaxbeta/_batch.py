@@ -41,6 +41,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from jaxbeta._api import (
+    check_jaxbeta_options,
     check_loop_settings,
     check_mode,
     estimate_betas_baseline,
@@ -67,6 +68,7 @@ from jaxbeta._iterative import (
     stop_reason_name,
 )
 from jaxbeta._precision import precision_context, resolve_dtype
+from jaxbeta._robust import check_huber_scale, check_loss
 from jaxbeta._sharding import (
     batch_mesh,
     gather_batch,
@@ -114,6 +116,17 @@ TRACE_SUFFIXES = (".csv", ".parquet", ".pq")
 # Keyword arguments of the single-trace estimators that fit_many takes
 # directly rather than through ``**options``.
 _PER_TRACE_KEYWORDS = ("phases", "chunk_size", "min_duration_sec")
+# estimate_betas_iterative's jaxbeta-only keywords, in check_jaxbeta_options' order.
+_JAXBETA_OPTIONS = (
+    "loss",
+    "huber_scale",
+    "solver",
+    "stop_rule",
+    "prefill_update",
+    "anderson_memory",
+    "inner_iters",
+    "accelerate_below",
+)
 # Static (compile-time) settings: a list of them in a sweep means one call each.
 _STATIC_KEYWORDS = {
     "baseline": ("correction_mode",),
@@ -127,12 +140,22 @@ _STATIC_KEYWORDS = {
 
 
 class StaticSettings(NamedTuple):
-    """Compile-time settings of a batched fit (hashable; keys the programs)."""
+    """Compile-time settings of a batched fit (hashable; keys the programs).
+
+    The iterative-only fields are None for the baseline.
+    """
 
     algo: str
     correction_mode: str  # baseline correction, or the iterative prefill one
-    init_via_baseline_correction: str | None  # iterative only
-    max_outer_iters: int | None  # iterative only
+    init_via_baseline_correction: str | None
+    max_outer_iters: int | None
+    loss: str = "squared"  # "squared" or "huber"
+    automatic_huber_scale: bool = True  # huber_scale=None: the fit picks it
+    solver: str | None = None
+    stop_rule: str | None = None
+    prefill_update: str | None = None
+    anderson_memory: int | None = None
+    inner_iters: int | None = None
 
 
 class TracedSettings(NamedTuple):
@@ -140,8 +163,10 @@ class TracedSettings(NamedTuple):
 
     chunk_size: jax.Array  # C, prefill tokens per step
     min_duration_sec: jax.Array  # lower clamp on T_i, seconds
-    tol: jax.Array  # MM stop tolerance on ||delta beta||_2 (iterative)
+    tol: jax.Array  # MM stop tolerance (iterative; see ``stop_rule``)
     damping_eta: jax.Array  # MM damping in (0, 1] (iterative)
+    huber_scale: jax.Array  # Huber delta, seconds (unused when automatic)
+    accelerate_below: jax.Array  # anderson/newton switch-over (iterative)
 
 
 class FitSummary(NamedTuple):
@@ -187,12 +212,15 @@ def fit_summary(
     """
     _TRACE_COUNTS[static] += 1
     valid = arrays.valid
+    huber_scale = None if static.automatic_huber_scale else settings.huber_scale
     if static.algo == "baseline":
         fit = fit_baseline_arrays(
             arrays,
             settings.chunk_size,
             settings.min_duration_sec,
             correction_mode=static.correction_mode,
+            loss=static.loss,
+            huber_scale=huber_scale,
         )
         converged = jnp.array(True)
         n_outer_iters = jnp.array(0, dtype=jnp.int32)
@@ -212,6 +240,14 @@ def fit_summary(
             tol=settings.tol,
             damping_eta=settings.damping_eta,
             init_via_baseline_correction=static.init_via_baseline_correction,
+            loss=static.loss,
+            huber_scale=huber_scale,
+            solver=static.solver,
+            stop_rule=static.stop_rule,
+            prefill_update=static.prefill_update,
+            anderson_memory=static.anderson_memory,
+            inner_iters=static.inner_iters,
+            accelerate_below=settings.accelerate_below,
         )
         converged = fit.converged
         n_outer_iters = fit.n_outer_iters.astype(jnp.int32)
@@ -298,6 +334,8 @@ class _Settings:
     dtype: np.dtype
     tol: float
     damping_eta: float
+    huber_scale: float  # NaN when automatic
+    accelerate_below: float
     estimator_kwargs: dict[str, Any]  # validated keywords of estimate_betas_*
 
 
@@ -306,11 +344,21 @@ def _validated_settings(algo: str, merged: Mapping[str, Any]) -> _Settings:
     dtype = resolve_dtype(merged["dtype"])
     columns = columns_from_kwargs(merged)
     kwargs = dict(merged)
+    accelerate = 1.0  # unused by the baseline
     if algo == "baseline":
         mode = check_mode(
             "correction_mode", merged["correction_mode"], TRACE_ONLY_MODES
         )
-        static = StaticSettings("baseline", mode, None, None)
+        check_loss(merged["loss"])
+        huber = check_huber_scale(merged["huber_scale"])
+        static = StaticSettings(
+            "baseline",
+            mode,
+            None,
+            None,
+            loss=merged["loss"],
+            automatic_huber_scale=huber is None,
+        )
         tol, eta = 1.0, 1.0  # unused by the baseline
     else:
         mode = check_mode(
@@ -326,7 +374,22 @@ def _validated_settings(algo: str, merged: Mapping[str, Any]) -> _Settings:
         iters, tol, eta = check_loop_settings(
             merged["max_outer_iters"], merged["tol"], merged["damping_eta"]
         )
-        static = StaticSettings("iterative", mode, init_mode, iters)
+        huber, accelerate = check_jaxbeta_options(
+            *(merged[name] for name in _JAXBETA_OPTIONS)
+        )
+        static = StaticSettings(
+            "iterative",
+            mode,
+            init_mode,
+            iters,
+            loss=merged["loss"],
+            automatic_huber_scale=huber is None,
+            solver=merged["solver"],
+            stop_rule=merged["stop_rule"],
+            prefill_update=merged["prefill_update"],
+            anderson_memory=int(merged["anderson_memory"]),
+            inner_iters=int(merged["inner_iters"]),
+        )
         kwargs.update(max_outer_iters=iters, tol=tol, damping_eta=eta)
     return _Settings(
         static=static,
@@ -334,6 +397,8 @@ def _validated_settings(algo: str, merged: Mapping[str, Any]) -> _Settings:
         dtype=dtype,
         tol=tol,
         damping_eta=eta,
+        huber_scale=math.nan if huber is None else huber,
+        accelerate_below=accelerate,
         estimator_kwargs=kwargs,
     )
 
@@ -519,6 +584,10 @@ def _dispatch(
         min_duration_sec=np.array([e.min_duration_sec for e in filled], dtype=dtype),
         tol=np.array([e.settings.tol for e in filled], dtype=dtype),
         damping_eta=np.array([e.settings.damping_eta for e in filled], dtype=dtype),
+        huber_scale=np.array([e.settings.huber_scale for e in filled], dtype=dtype),
+        accelerate_below=np.array(
+            [e.settings.accelerate_below for e in filled], dtype=dtype
+        ),
     )
     program = batched_fit_program(static, mesh)
     with precision_context(dtype):
@@ -684,12 +753,14 @@ def fit_many(
       progress: show tqdm progress bars (stderr).
       max_batch: most traces per compiled call (bounds device memory;
         rounded down to a power of two).
-      **options: the keyword arguments of ``estimate_betas_baseline``
-        (``correction_mode``, column names, ``dtype``) or
-        ``estimate_betas_iterative`` (``prefill_correction_mode``,
-        ``max_outer_iters``, ``tol``, ``damping_eta``,
-        ``init_via_baseline_correction``, column names, ``dtype``),
-        validated as there.
+      **options: every keyword argument of ``estimate_betas_baseline``
+        (``correction_mode``, column names, ``dtype``, ``loss``,
+        ``huber_scale``) or ``estimate_betas_iterative`` (also
+        ``prefill_correction_mode``, ``max_outer_iters``, ``tol``,
+        ``damping_eta``, ``init_via_baseline_correction`` and jaxbeta's
+        ``solver``, ``stop_rule``, ``prefill_update``, ``anderson_memory``,
+        ``inner_iters``, ``accelerate_below``), validated as there and
+        applied to every trace.
 
     Returns:
       A DataFrame indexed by trace name (input order; index name

@@ -161,6 +161,40 @@ def test_input_forms_give_the_same_rows(small, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("algo", "options"),
+    [
+        (
+            "iterative",
+            dict(
+                solver="anderson",
+                stop_rule="relative",
+                tol=1e-9,
+                prefill_update="consistent",
+                prefill_correction_mode="end_inside",
+                accelerate_below=0.2,
+            ),
+        ),
+        ("iterative", dict(loss="huber")),
+        ("baseline", dict(loss="huber", huber_scale=0.05)),
+    ],
+)
+def test_jaxbeta_options_reach_the_batched_fit(small, algo, options):
+    # Every estimator keyword is honoured, not only the reference's: each
+    # trace gets the answer the single-trace estimator gives it with them.
+    names = list(small)[:3]
+    results = fit_many(
+        {name: small[name] for name in names},
+        chunk_size=SIM_CHUNK,
+        algo=algo,
+        progress=False,
+        **options,
+    )
+    for name in names:
+        single = _single(algo, small[name], chunk_size=SIM_CHUNK, **options)
+        _assert_row_matches(results.loc[name], single)
+
+
 def test_bad_traces_are_isolated(small):
     good = dict(list(small.items())[:5])
     sample = next(iter(small.values()))
