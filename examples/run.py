@@ -4,6 +4,7 @@
     python examples/run.py --csv trace.csv --chunk-size 64
     python examples/run.py --csv trace.csv --chunk-size 64 --algo iterative \
         --correction-mode beta_informed --damping-eta 1.0
+    python examples/run.py --csv trace.csv --chunk-size 64 --algo recommended
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--csv", default=None, help="phase table (default: the bundled sample)"
     )
-    add_estimator_arguments(parser)
+    add_estimator_arguments(parser, algos=("baseline", "iterative", "recommended"))
     args = parser.parse_args(argv)
     csv = args.csv or sample_trace_path()
     chunk_size = args.chunk_size

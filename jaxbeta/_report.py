@@ -19,12 +19,11 @@ def format_result(
     result: BaselineResult | IterativeResult, *, history_rows: int = 5
 ) -> str:
     """Betas, stop information, diagnostics and the last history rows."""
-    algo = "iterative" if isinstance(result, IterativeResult) else "baseline"
     lines = [
-        f"Estimated betas ({algo}):",
-        f"beta0 (sec/step): {result.beta0:.6f}",
-        f"beta1 (sec/token): {result.beta1:.6f}",
-        f"beta2 (sec/token): {result.beta2:.6f}",
+        f"Estimated betas ({result.algo}):",
+        f"beta0 (sec/step): {result.beta0:.6g}",
+        f"beta1 (sec/token): {result.beta1:.6g}",
+        f"beta2 (sec/token): {result.beta2:.6g}",
     ]
     if isinstance(result, IterativeResult):
         lines.append(
@@ -45,5 +44,5 @@ def format_result(
         lines.append("Beta history (last few iters):")
         for m in range(first, len(betas)):
             b0, b1, b2 = betas[m]
-            lines.append(f"iter {m}: beta0={b0:.6f}, beta1={b1:.6f}, beta2={b2:.6f}")
+            lines.append(f"iter {m}: beta0={b0:.6g}, beta1={b1:.6g}, beta2={b2:.6g}")
     return "\n".join(lines)

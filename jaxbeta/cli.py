@@ -27,13 +27,34 @@ def sample_trace_path() -> str:
     return str(resources.files("jaxbeta").joinpath("data", "sample_trace.csv"))
 
 
-def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
-    """The reference's estimator flags, shared by ``fit`` and examples/run.py."""
+# Loop settings of ``--algo iterative`` when a flag is not given (the
+# reference's defaults); ``--algo recommended`` uses ``jaxbeta.fit``'s own.
+_ITERATIVE_DEFAULTS = {
+    "max_outer_iters": 25,
+    "tol": 1e-6,
+    "damping_eta": 1.0,
+    "init_via_baseline_correction": "end",
+}
+
+
+def add_estimator_arguments(
+    parser: argparse.ArgumentParser,
+    algos: Sequence[str] = ("baseline", "iterative"),
+) -> None:
+    """The reference's estimator flags, shared by ``fit``, ``fit-many`` and
+    examples/run.py; ``algos`` are the ``--algo`` choices."""
+    helps = {
+        "baseline": "baseline: the reference's time-integrated NNLS",
+        "iterative": "iterative: the reference's MM reweighting",
+        "recommended": "recommended: jaxbeta.fit, the MM fixed point with the "
+        "options chosen on benchmarks/ACCURACY.md",
+    }
     parser.add_argument(
         "--algo",
-        choices=("baseline", "iterative"),
+        choices=tuple(algos),
         default="baseline",
-        help="estimator (default: baseline)",
+        help="estimator (default: baseline); "
+        + "; ".join(helps[algo] for algo in algos),
     )
     parser.add_argument(
         "--chunk-size",
@@ -56,18 +77,29 @@ def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
         "(default beta_informed)",
     )
     parser.add_argument(
-        "--max-outer-iters", type=int, default=25, help="iterative: cap (25)"
+        "--max-outer-iters",
+        type=int,
+        default=None,
+        help="iterative: iteration cap (default 25; recommended: 100)",
     )
     parser.add_argument(
-        "--tol", type=float, default=1e-6, help="iterative: tolerance (1e-6 s)"
+        "--tol",
+        type=float,
+        default=None,
+        help="iterative: tolerance (default 1e-6 s on ||delta beta||; "
+        "recommended: 1e-9 relative)",
     )
     parser.add_argument(
-        "--damping-eta", type=float, default=1.0, help="iterative: eta (1.0)"
+        "--damping-eta",
+        type=float,
+        default=None,
+        help="iterative: damping eta (default 1.0)",
     )
     parser.add_argument(
         "--init-via-baseline-correction",
-        default="end",
-        help="iterative: correction of the baseline initialisation (end)",
+        default=None,
+        help="iterative: correction of the baseline initialisation (default "
+        "end; recommended: end_inside)",
     )
 
 
@@ -75,22 +107,28 @@ def estimator_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of the estimator that ``args.algo`` selects."""
     if args.algo == "baseline":
         return {"correction_mode": args.correction_mode or "end"}
+    given = {name: getattr(args, name) for name in _ITERATIVE_DEFAULTS}
+    given = {name: value for name, value in given.items() if value is not None}
+    if args.correction_mode is not None:
+        given["prefill_correction_mode"] = args.correction_mode
+    if args.algo == "recommended":
+        return given  # overrides of jaxbeta.fit's defaults
     return {
-        "prefill_correction_mode": args.correction_mode or "beta_informed",
-        "max_outer_iters": args.max_outer_iters,
-        "tol": args.tol,
-        "damping_eta": args.damping_eta,
-        "init_via_baseline_correction": args.init_via_baseline_correction,
+        "prefill_correction_mode": "beta_informed",
+        **_ITERATIVE_DEFAULTS,
+        **given,
     }
 
 
 def run_estimator(args: argparse.Namespace, phases, chunk_size: float):
     """Runs the estimator that ``args`` select on ``phases``."""
-    from jaxbeta import estimate_betas_baseline, estimate_betas_iterative
+    from jaxbeta import estimate_betas_baseline, estimate_betas_iterative, fit
 
-    estimator = (
-        estimate_betas_baseline if args.algo == "baseline" else estimate_betas_iterative
-    )
+    estimator = {
+        "baseline": estimate_betas_baseline,
+        "iterative": estimate_betas_iterative,
+        "recommended": fit,
+    }[args.algo]
     return estimator(
         phases,
         chunk_size=chunk_size,
@@ -187,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("s", "ms", "us", "ns"),
         help="unit of t_start/t_end in phase tables (default s)",
     )
-    add_estimator_arguments(fit)
+    add_estimator_arguments(fit, algos=("baseline", "iterative", "recommended"))
     exports = fit.add_argument_group("exports")
     exports.add_argument("--json", metavar="OUT", help="write the fit record (JSON)")
     exports.add_argument("--yaml", metavar="OUT", help="write the fit record (YAML)")
