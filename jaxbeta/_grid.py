@@ -28,8 +28,6 @@ __all__ = [
     "phase_integral_compensated",
 ]
 
-_BLOCK = 1024
-
 
 class Grid(NamedTuple):
     """The sorted time grid of one trace (SPEC section 4).
@@ -44,18 +42,52 @@ class Grid(NamedTuple):
     n_decode: jax.Array  # [S] decode phases active on segment j, n_dec[j]
 
 
+# Block length of the blocked prefix sum: within-block sums are one small
+# matrix product; see prefix_sum.
+_BLOCK = 32
+_BLOCK_LONG = 64  # from 2**16 values on
+_LONG = 1 << 16
+
+
 def prefix_sum(values: jax.Array) -> jax.Array:
     """Inclusive cumulative sum along the last axis.
 
-    Computed as a parallel prefix (``lax.associative_scan``): XLA's CPU
-    lowering of ``jnp.cumsum`` measured 3.6x slower on 262,144 float64 values
-    (2.5 ms against 0.69 ms). The summation order is a
-    tree's, which differs from a sequential sum only in rounding (relative
-    1e-16 per level); integer counts are exact in any order.
+    Floating-point values are summed in blocks: the sums within each block
+    of 32 (64 for long inputs) values are one product with a triangular
+    matrix of ones, and the block totals are prefix-summed the same way,
+    recursively. On XLA's CPU backend this measured 2-3x faster than a
+    parallel prefix (``lax.associative_scan``) on vmapped batches of
+    2,048-value traces and within 10% of it on one 262,144-value trace, and
+    its reverse-mode derivative (a product with the transposed matrix) 2x
+    faster there; ``jnp.cumsum`` was slower than both on long inputs. The
+    summation order differs from a sequential sum only in rounding (a few
+    units of 1e-16, relative, per sum). Integers (exact counts) use the
+    parallel prefix, which needs no matrix product.
     """
     size = values.shape[-1]
     if size < 2:
         return values
+    if not jnp.issubdtype(values.dtype, jnp.floating):
+        return _associative_prefix_sum(values)
+    block = _BLOCK_LONG if size >= _LONG else _BLOCK
+    n_blocks = -(-size // block)
+    pad = [(0, 0)] * (values.ndim - 1) + [(0, n_blocks * block - size)]
+    blocks = jnp.pad(values, pad).reshape(values.shape[:-1] + (n_blocks, block))
+    upper = jnp.triu(jnp.ones((block, block), dtype=values.dtype))
+    # HIGHEST: no reduced-precision (e.g. TF32) products on accelerators.
+    within = jnp.matmul(blocks, upper, precision=jax.lax.Precision.HIGHEST)
+    if n_blocks > 1:
+        totals = prefix_sum(within[..., -1])
+        before = jnp.concatenate(
+            [jnp.zeros_like(totals[..., :1]), totals[..., :-1]], axis=-1
+        )
+        within = within + before[..., None]
+    return within.reshape(values.shape[:-1] + (n_blocks * block,))[..., :size]
+
+
+def _associative_prefix_sum(values: jax.Array) -> jax.Array:
+    """Inclusive cumulative sum along the last axis by a parallel prefix."""
+    size = values.shape[-1]
     # The scan halves its input level by level; an odd length at any level
     # costs extra slicing (2.3x slower at 2**18 - 1 than at 2**18), so the
     # input is zero-padded to a power of two.
