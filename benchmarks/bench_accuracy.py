@@ -7,7 +7,7 @@ options, and reports per configuration the relative error of each beta
 iterations used, overall and on subsets of the grid. Writes the tables to
 ``benchmarks/ACCURACY.md``.
 
-Command (about 6 minutes on 2 CPU cores)::
+Command (about 2 minutes on 2 idle CPU cores, 7 under load)::
 
     python benchmarks/bench_accuracy.py
 

@@ -133,7 +133,7 @@ def fit(
     - ``solver="anderson"``: safeguarded Anderson acceleration (plain steps
       until within 5%, damping halved on oscillation, rejected steps fall
       back to the damped plain step). ``newton`` reaches the same points in
-      fewer but dearer iterations (19 vs 12 ms per fit on the benchmark,
+      fewer but dearer iterations (8 vs 7 ms per fit on the benchmark,
       host work included).
     - ``stop_rule="relative"``, ``tol=1e-9``: every coefficient settled to
       1e-9 of its own size (the reference's 1e-6 s absolute rule stops fast
