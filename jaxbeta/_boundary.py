@@ -156,6 +156,10 @@ def _numeric_column(table: pd.DataFrame, name: str, rows: np.ndarray) -> np.ndar
     values = pd.to_numeric(column, errors="coerce").to_numpy(
         dtype=np.float64, na_value=np.nan
     )
+    if column.dtype == object:
+        # A True among numbers would otherwise count as 1.
+        boolean = column.map(lambda value: isinstance(value, bool | np.bool_))
+        values = np.where(boolean.to_numpy(dtype=bool), np.nan, values)
     not_numeric = rows & np.isnan(values) & column.notna().to_numpy()
     if not_numeric.any():
         raise ValueError(

@@ -276,6 +276,14 @@ def test_boolean_columns_are_not_numbers():
     rejection(table, match=r"column 'decode_tokens' must be numeric, not boolean")
 
 
+def test_a_boolean_among_numbers_shows_the_row():
+    message = rejection(
+        with_value("prefill_tokens", "row-c", True),
+        match=r"column 'prefill_tokens' has non-numeric values in 1 row",
+    )
+    assert "row-c" in message
+
+
 @pytest.mark.parametrize(
     ("column", "row"), [("prefill_tokens", "row-c"), ("decode_tokens", "row-d")]
 )
