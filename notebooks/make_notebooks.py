@@ -386,9 +386,10 @@ print(
 **What these numbers mean.** On a CPU, expect the batch to be about as
 fast as the loop, or slower; it is not a speed-up there, because:
 
-- vmap removes per-call overhead (dispatch, Python), not arithmetic. Each
-  trace's MM iterations cost about the same CPU time alone or inside a
-  batch, and that arithmetic is most of the time.
+- vmap removes per-call overhead (dispatch, Python), not arithmetic. An MM
+  iteration costs a trace 2-3x less CPU time inside a batch than alone, but
+  the CPU still does every trace's arithmetic, and that is most of the
+  time.
 - A vmapped `while_loop` runs as long as its slowest member: a trace that
   converged after 4 iterations keeps being carried (masked) until the last
   one in its batch stops. The loop does only the iterations each trace
