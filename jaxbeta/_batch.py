@@ -199,8 +199,8 @@ def fit_summary(
     ``checks_pass`` mirrors the host checks that ``estimate_betas_*`` run on
     the fit (finite N_i, T_i, lambda_hat_i; for the baseline also finite
     exposures and betas, for the iterative fit a finite initialisation); the
-    host re-runs the single-trace estimator for
-    the rare entry where it is False, to report its exact message.
+    host re-runs the single-trace estimator for the rare entry where it is
+    False, to report its exact message.
 
     Args:
       arrays: one padded trace.
