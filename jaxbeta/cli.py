@@ -27,14 +27,10 @@ def sample_trace_path() -> str:
     return str(resources.files("jaxbeta").joinpath("data", "sample_trace.csv"))
 
 
-# Loop settings of ``--algo iterative`` when a flag is not given (the
-# reference's defaults); ``--algo recommended`` uses ``jaxbeta.fit``'s own.
-_ITERATIVE_DEFAULTS = {
-    "max_outer_iters": 25,
-    "tol": 1e-6,
-    "damping_eta": 1.0,
-    "init_via_baseline_correction": "end",
-}
+# Loop flags of the iterative estimators; a flag left unset is not passed,
+# so each estimator keeps its own default (the reference's for
+# ``iterative``, ``jaxbeta.fit``'s for ``recommended``).
+_LOOP_FLAGS = ("max_outer_iters", "tol", "damping_eta", "init_via_baseline_correction")
 
 
 def add_estimator_arguments(
@@ -107,17 +103,11 @@ def estimator_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of the estimator that ``args.algo`` selects."""
     if args.algo == "baseline":
         return {"correction_mode": args.correction_mode or "end"}
-    given = {name: getattr(args, name) for name in _ITERATIVE_DEFAULTS}
+    given = {name: getattr(args, name) for name in _LOOP_FLAGS}
     given = {name: value for name, value in given.items() if value is not None}
     if args.correction_mode is not None:
         given["prefill_correction_mode"] = args.correction_mode
-    if args.algo == "recommended":
-        return given  # overrides of jaxbeta.fit's defaults
-    return {
-        "prefill_correction_mode": "beta_informed",
-        **_ITERATIVE_DEFAULTS,
-        **given,
-    }
+    return given
 
 
 def run_estimator(args: argparse.Namespace, phases, chunk_size: float):
