@@ -79,6 +79,7 @@ def baseline_exposures(
     chunk_size: jax.Array,
     min_duration_sec: jax.Array = 0.0,
     correction_mode: str = "end",
+    prefill_cap: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per-phase design of the baseline fit.
 
@@ -87,6 +88,9 @@ def baseline_exposures(
       chunk_size: C, prefill tokens per step.
       min_duration_sec: lower clamp on T_i, seconds.
       correction_mode: ``none``, ``uniform``, ``end`` or ``end_inside``.
+      prefill_cap: optional [S] cap on the prefill pressure, tokens per step
+        (a token budget's ``B - p_dec``; used by the iterative estimator's
+        initialisation, see ``jaxbeta._iterative.budget_prefill_cap``).
 
     Returns:
       ``(N_i, T_i, A_pf_i, A_dec_i)``, each [n] (steps, seconds, tokens,
@@ -98,6 +102,8 @@ def baseline_exposures(
     step_rate_hat = steps / duration  # lambda_hat_i, steps per second
 
     prefill_pressure = chunk_size * grid.n_prefill  # p_pf_full, tokens/step
+    if prefill_cap is not None:
+        prefill_pressure = jnp.minimum(prefill_pressure, prefill_cap)
     decode_pressure = grid.n_decode  # p_dec, tokens/step
     missing = missing_tokens(arrays, steps, chunk_size)
     correction = trace_only_correction(grid, arrays, missing, correction_mode)

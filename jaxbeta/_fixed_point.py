@@ -161,11 +161,15 @@ def consistent_effective_prefill(
     step_time_without_prefill = beta[0] + beta[2] * context.decode_pressure
 
     def agreeing(correction):
-        return jnp.maximum(
+        # Where the token budget binds, the budget's cap is the fixed point:
+        # the chunks asked for exceed it at any step time at or below the
+        # uncapped solution's.
+        uncapped = jnp.maximum(
             (context.prefill_pressure - correction * step_time_without_prefill)
             / (1.0 + beta[1] * correction),
             0.0,
         )
+        return jnp.minimum(uncapped, context.prefill_cap)
 
     if prefill_correction_mode != "beta_informed":
         return agreeing(context.fixed_correction)
@@ -192,7 +196,11 @@ def coefficient_scale(
       [3] seconds/step, seconds/token, seconds/token.
     """
     _, _, prefill, decode = baseline_exposures(
-        context.arrays, chunk_size, min_duration_sec, init_via_baseline_correction
+        context.arrays,
+        chunk_size,
+        min_duration_sec,
+        init_via_baseline_correction,
+        prefill_cap=context.prefill_cap,
     )
     design = jnp.stack([context.steps, prefill, decode], axis=1)
     weight = context.row_weight
@@ -377,6 +385,7 @@ def fit_fixed_point_arrays(
     anderson_memory: int,
     inner_iters: int,
     accelerate_below: jax.Array = 0.05,
+    token_budget: jax.Array | None = None,
 ) -> IterativeFit:
     """The MM fit with the module's options: one ``lax.while_loop``.
 
@@ -388,7 +397,12 @@ def fit_fixed_point_arrays(
         solver, stop_rule, prefill_update, anderson_memory, inner_iters
     )
     context = mm_context(
-        arrays, chunk_size, min_duration_sec, prefill_correction_mode, weight
+        arrays,
+        chunk_size,
+        min_duration_sec,
+        prefill_correction_mode,
+        weight,
+        token_budget=token_budget,
     )
     duration = context.duration
     dtype = duration.dtype
@@ -560,14 +574,14 @@ def fit_fixed_point_arrays(
     initial = _Carry(
         iteration=jnp.array(0, dtype=jnp.int32),
         beta=init_beta,
-        effective_prefill=context.prefill_pressure,
+        effective_prefill=jnp.minimum(context.prefill_pressure, context.prefill_cap),
         accelerated=jnp.array(False),
         plain_eta=initial_eta,
         anchor_point=zero3,
         anchor_residual=zero3,
         anchor_norm=jnp.array(jnp.inf, dtype=dtype),
         anchor_fit=init_beta,
-        anchor_prefill=context.prefill_pressure,
+        anchor_prefill=jnp.minimum(context.prefill_pressure, context.prefill_cap),
         has_anchor=jnp.array(False),
         direction=zero3,
         step_fraction=jnp.array(1.0, dtype=dtype),

@@ -184,6 +184,8 @@ class MMContext(NamedTuple):
     missing: jax.Array  # [n] mu_r, tokens
     fixed_correction: jax.Array  # [S] trace-only c (unused for beta_informed)
     busy: jax.Array  # [S] bool, some phase is active on the segment
+    prefill_cap: jax.Array  # [S] prefill tokens/step the token budget leaves
+    # (B - p_dec); +inf without a budget (see budget_prefill_cap)
 
 
 class MMStep(NamedTuple):
@@ -197,20 +199,99 @@ class MMStep(NamedTuple):
     floor_hits: jax.Array  # [] int32, positive segments at the Delta floor
 
 
+def budget_prefill_cap(grid: Grid, token_budget: jax.Array | None) -> jax.Array:
+    """Most prefill tokens one step can take on each segment (an extension).
+
+    An engine with a per-step token budget B (vLLM's
+    ``max_num_batched_tokens``) serves every running decode first (one token
+    each) and hands the rest out as prefill chunks, so a step on segment j
+    takes at most ``B - p_dec[j]`` prefill tokens. Without a budget the cap
+    is +inf and ``min(ptilde, cap)`` leaves ptilde unchanged bit for bit.
+
+    Args:
+      grid: the trace's grid.
+      token_budget: B, tokens per step (scalar), or None.
+
+    Returns:
+      [S] tokens per step (>= 0).
+    """
+    if token_budget is None:
+        return jnp.full_like(grid.length, jnp.inf)
+    return jnp.maximum(token_budget - grid.n_decode, 0.0)
+
+
+def budget_bound_prefill(
+    grid: Grid, arrays: PhaseArrays, demand: jax.Array, prefill_cap: jax.Array
+) -> jax.Array:
+    """Prefill rows whose step count the token budget may have changed.
+
+    On a segment where the chunks asked for (``demand``, C per running
+    prefill) exceed ``prefill_cap``, some prefill gets a cut chunk or none,
+    so a prefill phase that overlaps such a segment may have taken more than
+    ``ceil(P / C)`` steps. Rows with an ``N_steps`` value keep their given
+    count and are not flagged.
+
+    Args:
+      grid: the trace's grid.
+      arrays: the trace.
+      demand: [S] ``C * n_pf``, tokens per step.
+      prefill_cap: [S] from :func:`budget_prefill_cap`.
+
+    Returns:
+      [n] bool, True on prefill rows (without ``N_steps``) whose window
+      holds a segment of positive length where the budget binds.
+    """
+    binding = (demand > prefill_cap) & (grid.length > 0)
+    # Integer counts: exact in any summation order.
+    running = jnp.concatenate(
+        [jnp.zeros(1, jnp.int32), jnp.cumsum(binding.astype(jnp.int32))]
+    )
+    touched = running[arrays.end_rank] > running[arrays.start_rank]
+    return arrays.valid & arrays.is_prefill & ~arrays.has_n_steps & touched
+
+
+@jax.jit
+def budget_bound_rows(
+    arrays: PhaseArrays, chunk_size: jax.Array, token_budget: jax.Array
+) -> jax.Array:
+    """[n] bool: the rows a fit with this ``token_budget`` gives weight 0
+    (:func:`budget_bound_prefill` on the trace's own grid)."""
+    grid = build_grid(arrays)
+    return budget_bound_prefill(
+        grid,
+        arrays,
+        chunk_size * grid.n_prefill,
+        budget_prefill_cap(grid, token_budget),
+    )
+
+
 def mm_context(
     arrays: PhaseArrays,
     chunk_size: jax.Array,
     min_duration_sec: jax.Array,
     prefill_correction_mode: str,
     weight: jax.Array | None = None,
+    token_budget: jax.Array | None = None,
 ) -> MMContext:
-    """Precomputes the iteration-invariant quantities of an MM fit."""
+    """Precomputes the iteration-invariant quantities of an MM fit.
+
+    With a ``token_budget`` (an extension of SPEC section 7, see
+    :func:`budget_prefill_cap`) every ptilde is capped at ``B - p_dec`` and
+    the prefill rows whose step counts the budget may have changed
+    (:func:`budget_bound_prefill`) get weight 0: their ``ceil(P / C)`` is no
+    longer their step count.
+    """
     grid = build_grid(arrays)
     steps = phase_steps(arrays, chunk_size)
     duration = phase_durations(arrays, min_duration_sec)
     row_weight = arrays.valid.astype(duration.dtype)
     if weight is not None:
         row_weight = row_weight * weight
+    prefill_pressure = chunk_size * grid.n_prefill
+    prefill_cap = budget_prefill_cap(grid, token_budget)
+    if token_budget is not None:
+        uncertain = budget_bound_prefill(grid, arrays, prefill_pressure, prefill_cap)
+        row_weight = jnp.where(uncertain, 0.0, row_weight)
     missing = missing_tokens(arrays, steps, chunk_size)
     if prefill_correction_mode == "beta_informed":
         fixed_correction = jnp.zeros_like(grid.length)
@@ -224,7 +305,7 @@ def mm_context(
         steps=steps,
         duration=duration,
         row_weight=row_weight,
-        prefill_pressure=chunk_size * grid.n_prefill,
+        prefill_pressure=prefill_pressure,
         decode_pressure=grid.n_decode,
         missing=missing,
         fixed_correction=fixed_correction,
@@ -233,6 +314,7 @@ def mm_context(
         # the running sums, where it would cancel away the digits of later
         # windows.
         busy=(grid.n_prefill + grid.n_decode) > 0,
+        prefill_cap=prefill_cap,
     )
 
 
@@ -290,11 +372,12 @@ def lagged_effective_prefill(
         )
     else:
         correction = context.fixed_correction
-    return jnp.maximum(
+    uncapped = jnp.maximum(
         context.prefill_pressure
         - correction / jnp.maximum(full_step_rate, STEP_RATE_FLOOR),
         0.0,
     )
+    return jnp.minimum(uncapped, context.prefill_cap)
 
 
 def mm_design(
@@ -399,7 +482,11 @@ def initial_beta(
 
 def _initial_design(context, chunk_size, min_duration_sec, init_mode) -> jax.Array:
     _, _, init_prefill, init_decode = baseline_exposures(
-        context.arrays, chunk_size, min_duration_sec, init_mode
+        context.arrays,
+        chunk_size,
+        min_duration_sec,
+        init_mode,
+        prefill_cap=context.prefill_cap,
     )
     return jnp.stack([context.steps, init_prefill, init_decode], axis=1)
 
@@ -452,6 +539,7 @@ def fit_iterative_arrays(
     anderson_memory: int = 3,
     inner_iters: int = 4,
     accelerate_below: jax.Array = 0.05,
+    token_budget: jax.Array | None = None,
 ) -> IterativeFit:
     """MM fit of one padded trace: pure, jit-ed, vmap-able (SPEC section 7).
 
@@ -487,6 +575,11 @@ def fit_iterative_arrays(
         every coefficient's Picard step is below this fraction of its size,
         then accelerate (far from the fixed point T is strongly nonlinear and
         an extrapolated step lands on the NNLS bounds).
+      token_budget: the engine's per-step token budget B (vLLM's
+        ``max_num_batched_tokens``), or None (default: no budget, SPEC
+        section 7). An extension: ptilde is capped at ``B - p_dec`` and
+        prefill rows whose step count the budget may have changed get
+        weight 0 (:func:`mm_context`).
 
     Returns:
       An :class:`IterativeFit`. With the default solver options it runs
@@ -518,9 +611,15 @@ def fit_iterative_arrays(
             anderson_memory=anderson_memory,
             inner_iters=inner_iters,
             accelerate_below=accelerate_below,
+            token_budget=token_budget,
         )
     context = mm_context(
-        arrays, chunk_size, min_duration_sec, prefill_correction_mode, weight
+        arrays,
+        chunk_size,
+        min_duration_sec,
+        prefill_correction_mode,
+        weight,
+        token_budget=token_budget,
     )
     duration = context.duration
     dtype = duration.dtype
@@ -576,7 +675,7 @@ def fit_iterative_arrays(
     initial = _Carry(
         iteration=jnp.array(0, dtype=jnp.int32),
         beta=init_beta,
-        effective_prefill=context.prefill_pressure,
+        effective_prefill=jnp.minimum(context.prefill_pressure, context.prefill_cap),
         delta=jnp.array(jnp.inf, dtype=dtype),
         finite=jnp.all(jnp.isfinite(init_beta)),
         history_beta=jnp.full((max_outer_iters + 1, 3), nan).at[0].set(init_beta),

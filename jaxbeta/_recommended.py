@@ -26,10 +26,20 @@ from jaxbeta._api import (
     iterative_result,
 )
 from jaxbeta._arrays import PhaseArrays
-from jaxbeta._boundary import check_chunk_size, check_min_duration, prepare_trace
+from jaxbeta._boundary import (
+    check_chunk_size,
+    check_min_duration,
+    check_token_budget,
+    prepare_trace,
+)
 from jaxbeta._fixed_point import check_solver_options
 from jaxbeta._grid import phase_durations, phase_steps
-from jaxbeta._iterative import INIT_MODES, ITERATIVE_MODES, fit_iterative_arrays
+from jaxbeta._iterative import (
+    INIT_MODES,
+    ITERATIVE_MODES,
+    budget_bound_rows,
+    fit_iterative_arrays,
+)
 from jaxbeta._precision import precision_context, resolve_dtype
 from jaxbeta._results import IterativeResult
 
@@ -103,6 +113,7 @@ def fit(
     phases: pd.DataFrame | str,
     *,
     chunk_size: float,
+    max_num_batched_tokens: float | None = None,
     min_duration_sec: float = 0.0,
     request_id_col: str = "request_id",
     phase_type_col: str = "phase_type",
@@ -160,6 +171,15 @@ def fit(
     Args:
       phases: one row per phase instance (DataFrame, or a CSV/Parquet path).
       chunk_size: C, prefill tokens per engine step (> 0).
+      max_num_batched_tokens: the engine's per-step token budget B, if it
+        has one that can bind (vLLM's ``max_num_batched_tokens``; decodes
+        take one token each first, prefill chunks share the rest first come
+        first served). Default None: no budget, as in the SPEC. With it,
+        ptilde is capped at ``B - p_dec`` on every segment and the prefill
+        rows that overlap a segment where the chunks asked for exceed the
+        cap get weight 0 (their step count is no longer ``ceil(P / C)``);
+        ``diagnostics["n_budget_bound_prefill"]`` counts them. Without it a
+        binding budget biases the fit (``benchmarks/ACCURACY.md``).
       min_duration_sec: clamp T_i = max(t_end - t_start, min_duration_sec).
       request_id_col, phase_type_col, t_start_col, t_end_col,
         prefill_tokens_col, decode_tokens_col, n_steps_col: column names.
@@ -199,6 +219,7 @@ def fit(
         # 1e-9 is below float32 resolution: the loop would never stop.
         settings["tol"] = FLOAT32_TOL
     chunk = check_chunk_size(chunk_size)
+    budget = check_token_budget(max_num_batched_tokens)
     min_duration = check_min_duration(min_duration_sec)
     check_mode("row_weight", settings["row_weight"], ROW_WEIGHTS)
     check_mode(
@@ -241,6 +262,17 @@ def fit(
             np_dtype.type(min_duration),
             settings["row_weight"],
         )
+        token_budget = None
+        n_budget_bound = 0
+        if budget is not None:
+            token_budget = np_dtype.type(budget)
+            bound = budget_bound_rows(
+                prepared.arrays, np_dtype.type(chunk), token_budget
+            )
+            n_budget_bound = int(jnp.sum(bound))
+            if weight is None:
+                weight = prepared.arrays.valid.astype(np_dtype)
+            weight = jnp.where(bound, 0.0, weight)
         result = fit_iterative_arrays(
             prepared.arrays,
             np_dtype.type(chunk),
@@ -257,13 +289,16 @@ def fit(
             anderson_memory=settings["anderson_memory"],
             inner_iters=settings["inner_iters"],
             accelerate_below=np_dtype.type(accelerate),
+            token_budget=token_budget,
         )
         result, weight = jax.device_get((result, weight))
     settings = {
         "algo": "recommended",
+        "max_num_batched_tokens": budget,
         "min_duration_sec": min_duration,
         **settings,
         "dtype": np_dtype.name,
     }
     record = iterative_result(result, prepared, chunk, settings, weight=weight)
+    record.diagnostics["n_budget_bound_prefill"] = n_budget_bound
     return dataclasses.replace(record, algo="recommended")

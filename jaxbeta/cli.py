@@ -97,16 +97,31 @@ def add_estimator_arguments(
         help="iterative: correction of the baseline initialisation (default "
         "end; recommended: end_inside)",
     )
+    if "recommended" in algos:
+        parser.add_argument(
+            "--max-num-batched-tokens",
+            type=float,
+            default=None,
+            help="recommended: the engine's per-step token budget (vLLM "
+            "max_num_batched_tokens), if it can bind (default: none)",
+        )
 
 
 def estimator_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of the estimator that ``args.algo`` selects."""
+    budget = getattr(args, "max_num_batched_tokens", None)
+    if budget is not None and args.algo != "recommended":
+        raise ValueError(
+            "--max-num-batched-tokens is an option of --algo recommended only"
+        )
     if args.algo == "baseline":
         return {"correction_mode": args.correction_mode or "end"}
     given = {name: getattr(args, name) for name in _LOOP_FLAGS}
     given = {name: value for name, value in given.items() if value is not None}
     if args.correction_mode is not None:
         given["prefill_correction_mode"] = args.correction_mode
+    if budget is not None:
+        given["max_num_batched_tokens"] = budget
     return given
 
 

@@ -81,8 +81,19 @@ def test_example_iterative_prints_the_stop_and_the_history(capsys):
          lambda: jaxbeta.fit(
             SAMPLE, chunk_size=CHUNK, prefill_correction_mode="beta_informed"
         )),
+        (["--algo", "recommended", "--max-num-batched-tokens", str(2 * CHUNK)],
+         lambda: jaxbeta.fit(
+            SAMPLE, chunk_size=CHUNK, max_num_batched_tokens=2 * CHUNK
+        )),
     ],
-    ids=["baseline", "iterative", "iterative-cap", "recommended", "recommended-mode"],
+    ids=[
+        "baseline",
+        "iterative",
+        "iterative-cap",
+        "recommended",
+        "recommended-mode",
+        "recommended-budget",
+    ],
 )  # fmt: skip
 def test_fit_command_runs_the_estimator_it_names(tmp_path, flags, expected):
     record = _fit_json(tmp_path, *flags)

@@ -20,7 +20,7 @@ import jaxbeta
 from jaxbeta._api import coefficient_std_errors, identifiability_warnings
 from jaxbeta._boundary import prepare_trace
 from jaxbeta._fixed_point import ZERO_SCALE, fit_fixed_point_arrays, stop_measure
-from jaxbeta._iterative import fit_iterative_arrays
+from jaxbeta._iterative import budget_bound_rows, fit_iterative_arrays
 from jaxbeta._recommended import RECOMMENDED, phase_weights
 
 N_PAD = 128
@@ -262,6 +262,11 @@ def test_fit_warns_about_a_rank_deficient_design():
         ({"row_weight": "by_tokens"}, "row_weight"),
         ({"tolerance": 1e-9}, "unknown option"),
         ({"accelerate_below": 0.0}, "accelerate_below"),
+        ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
+        ({"max_num_batched_tokens": -512}, "max_num_batched_tokens"),
+        ({"max_num_batched_tokens": "lots"}, "max_num_batched_tokens"),
+        ({"max_num_batched_tokens": True}, "max_num_batched_tokens"),
+        ({"max_num_batched_tokens": float("inf")}, "max_num_batched_tokens"),
     ],
 )
 def test_fit_rejects_bad_options(options, needle):
@@ -328,3 +333,81 @@ def test_fit_in_float32_stops_at_a_reachable_tolerance():
     assert result.stop_reason == "converged"
     assert result.settings["tol"] == 1e-5
     np.testing.assert_allclose(result.beta, simulation.beta, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# a per-step token budget (max_num_batched_tokens)
+
+BUDGET_ENGINE = (5e-3, 2e-5, 1e-4)
+
+
+def _budget_trace(seed, rate=20.0, chunk=512, budget=1024):
+    return _simulate(seed, chunk, BUDGET_ENGINE, rate, max_num_batched_tokens=budget)
+
+
+def _budget_bound_rows_by_loop(phases: pd.DataFrame, chunk, budget) -> np.ndarray:
+    """The rows fit(max_num_batched_tokens=budget) sets aside, from the
+    definition: prefill rows whose window holds a segment of positive length
+    on which C * n_pf > B - n_dec. Plain NumPy, one segment at a time."""
+    start = phases["t_start"].to_numpy(float)
+    end = phases["t_end"].to_numpy(float)
+    prefill = phases["phase_type"].str.lower().to_numpy() == "prefill"
+    points = np.unique(np.concatenate([start, end]))
+    binding_segments = []
+    for left, right in zip(points[:-1], points[1:], strict=True):
+        active = (start <= left) & (end > left)
+        n_prefill = np.sum(active & prefill)
+        n_decode = np.sum(active & ~prefill)
+        if chunk * n_prefill > budget - n_decode:
+            binding_segments.append((left, right))
+    bound = np.zeros(len(phases), dtype=bool)
+    for i in np.flatnonzero(prefill):
+        bound[i] = any(
+            start[i] <= left and right <= end[i] for left, right in binding_segments
+        )
+    return bound
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_budget_sets_aside_the_prefill_rows_it_may_have_slowed(seed):
+    simulation = _budget_trace(seed)
+    phases = simulation.phases
+    expected = _budget_bound_rows_by_loop(phases, 512, 1024)
+    assert 0 < expected.sum() < np.sum(phases["phase_type"] == "prefill")
+    prepared = prepare_trace(phases, n_pad=N_PAD)
+    with jax.enable_x64(True):
+        bound = budget_bound_rows(prepared.arrays, np.float64(512), np.float64(1024))
+    np.testing.assert_array_equal(np.asarray(bound)[: len(phases)], expected)
+    assert not np.any(np.asarray(bound)[len(phases) :])  # padding
+    result = jaxbeta.fit(phases, chunk_size=512, max_num_batched_tokens=1024)
+    assert result.diagnostics["n_budget_bound_prefill"] == expected.sum()
+    assert result.settings["max_num_batched_tokens"] == 1024
+
+
+def test_a_budget_that_never_binds_changes_nothing():
+    simulation = _simulate(*CYCLING[1])
+    phases, chunk = simulation.phases, CYCLING[1][1]
+    plain = jaxbeta.fit(phases, chunk_size=chunk, n_pad=N_PAD)
+    roomy = jaxbeta.fit(
+        phases, chunk_size=chunk, n_pad=N_PAD, max_num_batched_tokens=10**9
+    )
+    assert roomy.diagnostics["n_budget_bound_prefill"] == 0
+    np.testing.assert_array_equal(roomy.beta, plain.beta)
+    assert roomy.n_outer_iters == plain.n_outer_iters
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_knowing_the_budget_beats_ignoring_it_where_it_binds(seed):
+    # Heavy load (20 requests/s on this engine), B = 2C: the budget cuts
+    # prefill chunks in many steps; no noise, so the error is the model's.
+    simulation = _budget_trace(seed)
+    phases = simulation.phases
+    ignored = jaxbeta.fit(phases, chunk_size=512, n_pad=N_PAD)
+    known = jaxbeta.fit(
+        phases, chunk_size=512, n_pad=N_PAD, max_num_batched_tokens=1024
+    )
+    assert known.stop_reason == "converged"
+    worst_known = _relative_error(known.beta, simulation.beta).max()
+    worst_ignored = _relative_error(ignored.beta, simulation.beta).max()
+    assert worst_known < worst_ignored
+    assert worst_known < 0.02
