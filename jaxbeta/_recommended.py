@@ -154,19 +154,20 @@ def fit(
       it beats equal weights on noisy traces and ``inverse_duration`` on the
       benchmark's median + p90 + max summed over the betas.
 
-    Evidence (``benchmarks/ACCURACY.md``; relative errors, median / max):
+    Evidence (``benchmarks/ACCURACY.md``; relative errors, median / max;
+    ``max_num_batched_tokens`` given on the traces simulated with a budget):
 
     - converges on all 648 traces (the reference's defaults: 59%), in at most
       21 iterations (median 7);
     - traces satisfying the SPEC's assumptions (no noise, no binding token
       budget; 198): worst coefficient error 1.2e-7 % (reference: 305%);
-    - noisy traces (5% step noise; 324): beta0 0.071% / 6.7%, beta1 0.32% /
-      12%, beta2 1.35% / 22%; the simulator's step log itself, fitted by
+    - noisy traces (5% step noise; 324): beta0 0.068% / 2.0%, beta1 0.32% /
+      3.3%, beta2 1.21% / 6.6%; the simulator's step log itself, fitted by
       least squares, allows 0.052%, 0.18% and 0.91% medians;
-    - all 648 traces: medians beta0 0.012%, beta1 0.076%, beta2 0.204%,
-      which misses the issue's 0.2% target for beta2 (322 of 648 traces are
-      within 0.2%): noise and binding token budgets, which the SPEC's model
-      does not describe, set the floor.
+    - noise-free traces whose budget binds (126): beta2 0.0068% / 2.4%
+      (budget not given: 0.011% / 21%);
+    - all 648 traces: medians beta0 0.012%, beta1 0.053%, beta2 0.186%
+      (327 of 648 within 0.2% on beta2; budget not given: 0.204%, 322).
 
     Args:
       phases: one row per phase instance (DataFrame, or a CSV/Parquet path).
