@@ -63,13 +63,41 @@ def prefix_sum(values: jax.Array) -> jax.Array:
     summation order differs from a sequential sum only in rounding (a few
     units of 1e-16, relative, per sum). Integers (exact counts) use the
     parallel prefix, which needs no matrix product.
+
+    Derivatives (both modes) are blocked prefix sums of the tangent with
+    blocks of 32 (:func:`_tangent_prefix_sum`): the same linear map, rounded
+    differently, at half the multiply-adds on long inputs.
     """
     size = values.shape[-1]
     if size < 2:
         return values
     if not jnp.issubdtype(values.dtype, jnp.floating):
         return _associative_prefix_sum(values)
-    block = _BLOCK_LONG if size >= _LONG else _BLOCK
+    return _float_prefix_sum(values)
+
+
+def _value_block(size: int) -> int:
+    """Block length of :func:`prefix_sum`'s values at ``size`` values."""
+    return _BLOCK_LONG if size >= _LONG else _BLOCK
+
+
+# Block length of the derivative's prefix sums. A pullback of a prefix sum
+# of 262,143 values (a product with the transposed block matrix) measured
+# 0.40 ms with blocks of 32 against 0.55 ms with 64 (XLA CPU, 2 cores), and
+# the pullback of the ptilde stage of the MM map (the inner product of the
+# implicit-derivative solves, 100,000 phases) 5.2 ms against 6.0 ms
+# (medians); 16 and 8 were no faster there than 32.
+_TANGENT_BLOCK = 32
+
+
+def _blocked_prefix_sum(values: jax.Array, block_of) -> jax.Array:
+    """Blocked inclusive prefix sum (see :func:`prefix_sum`) of a floating
+    array along its last axis; ``block_of(size)`` is the block length used
+    at each level of the recursion."""
+    size = values.shape[-1]
+    if size < 2:
+        return values
+    block = block_of(size)
     n_blocks = -(-size // block)
     pad = [(0, 0)] * (values.ndim - 1) + [(0, n_blocks * block - size)]
     blocks = jnp.pad(values, pad).reshape(values.shape[:-1] + (n_blocks, block))
@@ -77,12 +105,30 @@ def prefix_sum(values: jax.Array) -> jax.Array:
     # HIGHEST: no reduced-precision (e.g. TF32) products on accelerators.
     within = jnp.matmul(blocks, upper, precision=jax.lax.Precision.HIGHEST)
     if n_blocks > 1:
-        totals = prefix_sum(within[..., -1])
+        totals = _blocked_prefix_sum(within[..., -1], block_of)
         before = jnp.concatenate(
             [jnp.zeros_like(totals[..., :1]), totals[..., :-1]], axis=-1
         )
         within = within + before[..., None]
     return within.reshape(values.shape[:-1] + (n_blocks * block,))[..., :size]
+
+
+def _tangent_prefix_sum(tangent: jax.Array) -> jax.Array:
+    """The prefix sum used in derivative rules (blocks of 32, a plain
+    function: no custom rule of its own, so it transposes directly)."""
+    return _blocked_prefix_sum(tangent, lambda size: _TANGENT_BLOCK)
+
+
+@jax.custom_jvp
+def _float_prefix_sum(values: jax.Array) -> jax.Array:
+    """:func:`prefix_sum` of a floating array (at least 2 values)."""
+    return _blocked_prefix_sum(values, _value_block)
+
+
+@_float_prefix_sum.defjvp
+def _float_prefix_sum_jvp(primals, tangents):
+    (values,), (d_values,) = primals, tangents
+    return _float_prefix_sum(values), _tangent_prefix_sum(d_values)
 
 
 def _associative_prefix_sum(values: jax.Array) -> jax.Array:
@@ -149,7 +195,7 @@ def prefix_sum_compensated(values: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _prefix_sum_compensated_jvp(primals, tangents):
     (values,), (d_values,) = primals, tangents
     running = prefix_sum_compensated(values)
-    d_high = prefix_sum(d_values)
+    d_high = _tangent_prefix_sum(d_values)
     return running, (d_high, jnp.zeros_like(d_high))
 
 

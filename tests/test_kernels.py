@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from spec_loops import SpecTrace, exact_nnls
@@ -31,7 +32,14 @@ from jaxbeta import prepare_trace
 from jaxbeta._baseline import baseline_exposures
 from jaxbeta._boundary import PreparedTrace
 from jaxbeta._correction import beta_informed_correction, missing_tokens
-from jaxbeta._grid import build_grid, phase_integral, phase_steps, prefix_integral
+from jaxbeta._grid import (
+    build_grid,
+    phase_integral,
+    phase_steps,
+    prefix_integral,
+    prefix_sum,
+    prefix_sum_compensated,
+)
 from jaxbeta._iterative import mm_context, mm_step
 from jaxbeta._nnls import solve_nnls
 
@@ -539,3 +547,34 @@ def test_nnls_reaches_the_exact_optimum_with_exact_zeros(problem):
     np.testing.assert_allclose(
         (beta * norms)[~zero], (expected * norms)[~zero], rtol=1e-9, atol=floor
     )
+
+
+@pytest.mark.parametrize("shape", [(5,), (33,), (1000,), (3, 70_000)])
+def test_prefix_sum_derivatives_are_prefix_sums(shape):
+    """The derivative rules of prefix_sum and prefix_sum_compensated use a
+    differently blocked prefix sum (_grid._tangent_prefix_sum): the values
+    stay those of the blocked sum, and both modes of the derivative agree
+    with a sequential cumulative sum to rounding."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        values = jnp.asarray(rng.normal(size=shape))
+        tangent = jnp.asarray(rng.normal(size=shape))
+        expected_tangent = np.cumsum(np.asarray(tangent), axis=-1)
+        expected_cotangent = np.cumsum(np.asarray(tangent)[..., ::-1], axis=-1)[
+            ..., ::-1
+        ]
+        scale = np.sqrt(shape[-1])  # rounding of sums of unit normals
+        for function in (prefix_sum, lambda v: prefix_sum_compensated(v)[0]):
+            primal, forward = jax.jvp(function, (values,), (tangent,))
+            np.testing.assert_allclose(
+                primal, np.cumsum(np.asarray(values), axis=-1), atol=1e-12 * scale
+            )
+            np.testing.assert_allclose(forward, expected_tangent, atol=1e-12 * scale)
+            _, pullback = jax.vjp(function, values)
+            (reverse,) = pullback(tangent)
+            np.testing.assert_allclose(reverse, expected_cotangent, atol=1e-12 * scale)
+        # The value path is untouched by the derivative rule.
+        np.testing.assert_array_equal(
+            jax.jit(prefix_sum)(values),
+            jax.jit(lambda v: jax.jvp(prefix_sum, (v,), (v,))[0])(values),
+        )
