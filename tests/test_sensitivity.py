@@ -21,13 +21,21 @@ from jaxbeta._baseline import fit_baseline_arrays
 from jaxbeta._boundary import prepare_trace
 from jaxbeta._implicit import (
     FitInputs,
+    MMState,
+    _beta_stage,
+    _prefill_stage,
+    _Settings,
+    _split_context,
+    _typed,
+    _with_inputs,
     baseline_beta,
     baseline_sensitivity_arrays,
     fit_inputs,
     iterative_beta,
     iterative_sensitivity_arrays,
+    mm_map,
 )
-from jaxbeta._iterative import fit_iterative_arrays
+from jaxbeta._iterative import fit_iterative_arrays, mm_context
 from jaxbeta._sensitivity import (
     bootstrap,
     boundary_sensitivity,
@@ -403,6 +411,45 @@ def test_forward_and_reverse_mode_agree():
     np.testing.assert_array_equal(beta, explicit.fit.beta)
     for g, jac in zip(gradient, explicit.jacobian, strict=True):
         np.testing.assert_allclose(g, cotangent @ jac, rtol=1e-8, atol=1e-16)
+
+
+@pytest.mark.parametrize(
+    "mode, loss, damping",
+    [("beta_informed", "squared", 1.0), ("end", "squared", 0.5),
+     ("beta_informed", "huber", 1.0)],
+)  # fmt: skip
+@_x64
+def test_staged_map_reproduces_mm_map(mode, loss, damping):
+    """The two stages the adjoint solves linearise (_implicit._adjoint_jacobian)
+    are mm_map, bit for bit, at a state off the fixed point, and the context
+    rebuilt from its floating leaves is the context."""
+    _, arrays = _arrays(simulated_trace(26, 3, jitter=2e-4))
+    inputs = fit_inputs(arrays)
+    settings = _typed(arrays, _Settings(CHUNK, 0.0, 1e-6, damping, None))
+    fit = iterative_sensitivity_arrays(
+        arrays, CHUNK, prefill_correction_mode=mode, loss=loss,
+        damping_eta=damping,
+    ).fit  # fmt: skip
+    rng = np.random.default_rng(1)
+    state = MMState(
+        fit.beta * (1.0 + 0.1 * rng.uniform(-1, 1, 3)),
+        fit.effective_prefill * (1.0 + 0.1 * rng.uniform(-1, 1, N_PAD * 2 - 1)),
+    )
+    expected = mm_map(
+        state, inputs, arrays, CHUNK, prefill_correction_mode=mode,
+        damping_eta=damping, loss=loss,
+    )  # fmt: skip
+    context = mm_context(_with_inputs(arrays, inputs), CHUNK, 0.0, mode, inputs.weight)
+    floats, rebuild = _split_context(context)
+    for leaf, again in zip(
+        jax.tree.leaves(context), jax.tree.leaves(rebuild(floats)), strict=True
+    ):
+        np.testing.assert_array_equal(leaf, again)
+    static = dict(init_via_baseline_correction="end", loss=loss)
+    prefill = _prefill_stage(state, context, mode)
+    beta = _beta_stage(state, prefill, context, settings, static)
+    np.testing.assert_array_equal(prefill, expected.effective_prefill)
+    np.testing.assert_array_equal(beta, expected.beta)
 
 
 @_x64
