@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -20,6 +21,7 @@ from jaxbeta._boundary import (
     PreparedTrace,
     check_chunk_size,
     check_min_duration,
+    check_token_budget,
     prepare_trace,
 )
 from jaxbeta._correction import TRACE_ONLY_MODES
@@ -27,6 +29,7 @@ from jaxbeta._fixed_point import check_solver_options
 from jaxbeta._iterative import (
     INIT_MODES,
     ITERATIVE_MODES,
+    budget_bound_rows,
     fit_iterative_arrays,
     stop_reason_name,
 )
@@ -373,6 +376,7 @@ def estimate_betas_iterative(
     anderson_memory: int = 3,
     inner_iters: int = 4,
     accelerate_below: float = 0.05,
+    max_num_batched_tokens: float | None = None,
 ) -> IterativeResult:
     """Iterative MM step-density reweighting estimate (SPEC section 7).
 
@@ -415,6 +419,9 @@ def estimate_betas_iterative(
         ``beta_informed`` (>= 1).
       accelerate_below: ``anderson``/``newton`` accelerate only once every
         coefficient's plain step is below this fraction of its size (> 0).
+      max_num_batched_tokens: jaxbeta's option: the engine's per-step token
+        budget B, or None (default: no budget, as in the SPEC); see
+        :func:`jaxbeta.fit`, which documents the model.
 
     Returns:
       An :class:`IterativeResult`. The defaults reproduce the reference.
@@ -437,6 +444,7 @@ def estimate_betas_iterative(
         inner_iters,
         accelerate_below,
     )
+    budget = check_token_budget(max_num_batched_tokens)
     np_dtype = resolve_dtype(dtype)
     columns = _columns(
         request_id_col, phase_type_col, t_start_col, t_end_col,
@@ -444,6 +452,9 @@ def estimate_betas_iterative(
     )  # fmt: skip
     prepared = prepare_trace(phases, columns=columns, dtype=np_dtype)
     with precision_context(np_dtype):
+        weight, token_budget, n_budget_bound = budget_weights(
+            prepared, chunk, budget, np_dtype
+        )
         fit = fit_iterative_arrays(
             prepared.arrays,
             np_dtype.type(chunk),
@@ -461,9 +472,12 @@ def estimate_betas_iterative(
             anderson_memory=int(anderson_memory),
             inner_iters=int(inner_iters),
             accelerate_below=np_dtype.type(accelerate),
+            weight=weight,
+            token_budget=token_budget,
         )
-        fit = jax.device_get(fit)
+        fit, weight = jax.device_get((fit, weight))
     settings = {
+        "max_num_batched_tokens": budget,
         "min_duration_sec": min_duration,
         "prefill_correction_mode": prefill_correction_mode,
         "max_outer_iters": iters,
@@ -480,7 +494,41 @@ def estimate_betas_iterative(
         "inner_iters": int(inner_iters),
         "accelerate_below": accelerate,
     }
-    return iterative_result(fit, prepared, chunk, settings)
+    result = iterative_result(fit, prepared, chunk, settings, weight=weight)
+    result.diagnostics["n_budget_bound_prefill"] = n_budget_bound
+    return result
+
+
+def budget_weights(
+    prepared: PreparedTrace,
+    chunk: float,
+    budget: float | None,
+    np_dtype,
+    weight: jax.Array | None = None,
+) -> tuple[jax.Array | None, Any, int]:
+    """Row weights with a token budget's set-aside prefill rows at 0.
+
+    Args:
+      prepared: the prepared trace.
+      chunk: C, tokens per step.
+      budget: B (``max_num_batched_tokens``), or None.
+      np_dtype: the fit's float dtype.
+      weight: [n_pad] row weights to start from (None: 1 on valid rows).
+
+    Returns:
+      ``(weight, token_budget, n_set_aside)``: ``weight`` unchanged and
+      ``token_budget`` None without a budget; otherwise the weights with the
+      rows of :func:`jaxbeta._iterative.budget_bound_rows` at 0 (the fit
+      zeroes them too; the result's diagnostics need them), B as an array
+      scalar of ``np_dtype`` and how many rows were set aside.
+    """
+    if budget is None:
+        return weight, None, 0
+    token_budget = np_dtype.type(budget)
+    bound = budget_bound_rows(prepared.arrays, np_dtype.type(chunk), token_budget)
+    if weight is None:
+        weight = prepared.arrays.valid.astype(np_dtype)
+    return jnp.where(bound, 0.0, weight), token_budget, int(jnp.sum(bound))
 
 
 def check_jaxbeta_options(

@@ -20,6 +20,7 @@ import pandas as pd
 
 from jaxbeta._api import (
     _columns,
+    budget_weights,
     check_accelerate_below,
     check_loop_settings,
     check_mode,
@@ -37,7 +38,6 @@ from jaxbeta._grid import phase_durations, phase_steps
 from jaxbeta._iterative import (
     INIT_MODES,
     ITERATIVE_MODES,
-    budget_bound_rows,
     fit_iterative_arrays,
 )
 from jaxbeta._precision import precision_context, resolve_dtype
@@ -263,17 +263,9 @@ def fit(
             np_dtype.type(min_duration),
             settings["row_weight"],
         )
-        token_budget = None
-        n_budget_bound = 0
-        if budget is not None:
-            token_budget = np_dtype.type(budget)
-            bound = budget_bound_rows(
-                prepared.arrays, np_dtype.type(chunk), token_budget
-            )
-            n_budget_bound = int(jnp.sum(bound))
-            if weight is None:
-                weight = prepared.arrays.valid.astype(np_dtype)
-            weight = jnp.where(bound, 0.0, weight)
+        weight, token_budget, n_budget_bound = budget_weights(
+            prepared, chunk, budget, np_dtype, weight
+        )
         result = fit_iterative_arrays(
             prepared.arrays,
             np_dtype.type(chunk),

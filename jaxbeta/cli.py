@@ -102,17 +102,18 @@ def add_estimator_arguments(
             "--max-num-batched-tokens",
             type=float,
             default=None,
-            help="recommended: the engine's per-step token budget (vLLM "
-            "max_num_batched_tokens), if it can bind (default: none)",
+            help="iterative, recommended: the engine's per-step token budget "
+            "(vLLM max_num_batched_tokens), if it can bind (default: none)",
         )
 
 
 def estimator_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of the estimator that ``args.algo`` selects."""
     budget = getattr(args, "max_num_batched_tokens", None)
-    if budget is not None and args.algo != "recommended":
+    if budget is not None and args.algo == "baseline":
         raise ValueError(
-            "--max-num-batched-tokens is an option of --algo recommended only"
+            "--max-num-batched-tokens is an option of --algo iterative and "
+            "--algo recommended, not of the baseline"
         )
     if args.algo == "baseline":
         return {"correction_mode": args.correction_mode or "end"}

@@ -85,6 +85,10 @@ def test_example_iterative_prints_the_stop_and_the_history(capsys):
          lambda: jaxbeta.fit(
             SAMPLE, chunk_size=CHUNK, max_num_batched_tokens=2 * CHUNK
         )),
+        (["--algo", "iterative", "--max-num-batched-tokens", str(2 * CHUNK)],
+         lambda: jaxbeta.estimate_betas_iterative(
+            SAMPLE, chunk_size=CHUNK, max_num_batched_tokens=2 * CHUNK
+        )),
     ],
     ids=[
         "baseline",
@@ -93,6 +97,7 @@ def test_example_iterative_prints_the_stop_and_the_history(capsys):
         "recommended",
         "recommended-mode",
         "recommended-budget",
+        "iterative-budget",
     ],
 )  # fmt: skip
 def test_fit_command_runs_the_estimator_it_names(tmp_path, flags, expected):

@@ -379,9 +379,28 @@ def test_budget_sets_aside_the_prefill_rows_it_may_have_slowed(seed):
         bound = budget_bound_rows(prepared.arrays, np.float64(512), np.float64(1024))
     np.testing.assert_array_equal(np.asarray(bound)[: len(phases)], expected)
     assert not np.any(np.asarray(bound)[len(phases) :])  # padding
-    result = jaxbeta.fit(phases, chunk_size=512, max_num_batched_tokens=1024)
-    assert result.diagnostics["n_budget_bound_prefill"] == expected.sum()
-    assert result.settings["max_num_batched_tokens"] == 1024
+    for estimator in (jaxbeta.fit, jaxbeta.estimate_betas_iterative):
+        result = estimator(phases, chunk_size=512, max_num_batched_tokens=1024)
+        assert result.diagnostics["n_budget_bound_prefill"] == expected.sum()
+        assert result.settings["max_num_batched_tokens"] == 1024
+
+
+def test_the_iterative_estimator_takes_the_budget_as_fit_does():
+    # fit = estimate_betas_iterative with RECOMMENDED's options and row
+    # weights; with row_weight="none" the two are the same computation.
+    simulation = _budget_trace(2)
+    options = {k: v for k, v in RECOMMENDED.items() if k != "row_weight"}
+    kwargs = dict(chunk_size=512, n_pad=N_PAD, max_num_batched_tokens=1024)
+    by_fit = jaxbeta.fit(simulation.phases, row_weight="none", **kwargs)
+    del kwargs["n_pad"]
+    by_iterative = jaxbeta.estimate_betas_iterative(
+        simulation.phases, **options, **kwargs
+    )
+    np.testing.assert_allclose(by_iterative.beta, by_fit.beta, rtol=1e-12)
+    assert by_iterative.n_outer_iters == by_fit.n_outer_iters
+    plain = jaxbeta.estimate_betas_iterative(simulation.phases, chunk_size=512)
+    assert plain.diagnostics["n_budget_bound_prefill"] == 0
+    assert plain.settings["max_num_batched_tokens"] is None
 
 
 def test_a_budget_that_never_binds_changes_nothing():

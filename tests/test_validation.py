@@ -475,9 +475,10 @@ def test_cli_reports_bad_loop_settings_without_traceback(trace_csv, capsys):
     argv = ["fit", trace_csv, "--chunk-size", "64", "--algo", "iterative"]
     assert cli.main([*argv, "--damping-eta", "1.5"]) == 1
     assert "damping_eta" in capsys.readouterr().err
-    # The token budget is an option of jaxbeta.fit only: say so, do not drop it.
-    assert cli.main([*argv, "--max-num-batched-tokens", "128"]) == 1
-    assert "--algo recommended" in capsys.readouterr().err
+    # The baseline has no token budget: say so, do not drop it.
+    baseline = ["fit", trace_csv, "--chunk-size", "64", "--algo", "baseline"]
+    assert cli.main([*baseline, "--max-num-batched-tokens", "128"]) == 1
+    assert "not of the baseline" in capsys.readouterr().err
     recommended = ["fit", trace_csv, "--chunk-size", "64", "--algo", "recommended"]
     assert cli.main([*recommended, "--max-num-batched-tokens", "0"]) == 1
     assert "max_num_batched_tokens" in capsys.readouterr().err
