@@ -322,6 +322,14 @@ def _merge_options(algo: str, options: Mapping[str, Any], caller: str) -> dict:
             f"{caller}() got unexpected keyword argument(s) {unknown} for "
             f"algo={algo!r}; allowed: {sorted(defaults)}"
         )
+    if options.get("max_num_batched_tokens") is not None:
+        # Not threaded into the batched program yet: refuse it rather than
+        # fit as if the engine had no token budget.
+        raise ValueError(
+            f"{caller}() does not take `max_num_batched_tokens` yet; fit traces "
+            "with a token budget one at a time (jaxbeta.fit or "
+            "estimate_betas_iterative)"
+        )
     return {**defaults, **options}
 
 

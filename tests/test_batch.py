@@ -360,6 +360,11 @@ def test_options_are_validated_like_the_single_api(small):
         sweep(small["sim0"], chunk_size=[256], damping_eta=[0.5, 1.5])
     with pytest.raises(ValueError, match="algo"):
         fit_many(small, chunk_size=SIM_CHUNK, algo="newton")
+    # A token budget is not modelled by the batched program yet: refused.
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        fit_many(small, chunk_size=SIM_CHUNK, max_num_batched_tokens=1024)
+    with pytest.raises(TypeError, match="max_num_batched_tokens"):
+        fit_many(small, chunk_size=SIM_CHUNK, algo="baseline", max_num_batched_tokens=1)
     with pytest.raises(ValueError, match="trace-id column 'trace_id'"):
         fit_many(next(iter(small.values())), chunk_size=SIM_CHUNK)
 

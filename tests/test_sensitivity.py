@@ -595,3 +595,11 @@ def test_huber_arguments_are_checked():
         jaxbeta.estimate_betas_iterative(
             toy_trace(), chunk_size=64, loss="huber", huber_scale=-1.0
         )
+
+
+def test_sensitivity_refuses_a_token_budget():
+    # The implicit derivative does not model a token budget yet: refused,
+    # not ignored.
+    phases = random_trace(20, 11)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        sensitivity(phases, chunk_size=CHUNK, max_num_batched_tokens=4 * CHUNK)
