@@ -187,6 +187,11 @@ class MMContext(NamedTuple):
     prefill_cap: jax.Array  # [S] prefill tokens/step the token budget leaves
     # (B - p_dec); +inf without a budget (see budget_prefill_cap)
 
+    @property
+    def initial_prefill(self) -> jax.Array:
+        """ptilde^(0) [S]: p_pf_full, capped by the token budget if any."""
+        return jnp.minimum(self.prefill_pressure, self.prefill_cap)
+
 
 class MMStep(NamedTuple):
     """Output of one outer MM step (SPEC section 7, steps 1-5)."""
@@ -675,7 +680,7 @@ def fit_iterative_arrays(
     initial = _Carry(
         iteration=jnp.array(0, dtype=jnp.int32),
         beta=init_beta,
-        effective_prefill=jnp.minimum(context.prefill_pressure, context.prefill_cap),
+        effective_prefill=context.initial_prefill,
         delta=jnp.array(jnp.inf, dtype=dtype),
         finite=jnp.all(jnp.isfinite(init_beta)),
         history_beta=jnp.full((max_outer_iters + 1, 3), nan).at[0].set(init_beta),
