@@ -21,7 +21,6 @@ from jaxbeta._boundary import (
     PreparedTrace,
     check_chunk_size,
     check_min_duration,
-    check_token_budget,
     prepare_trace,
 )
 from jaxbeta._correction import TRACE_ONLY_MODES
@@ -578,6 +577,17 @@ def _as_float(name: str, value: Any, expected: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"`{name}` must be {expected}, got {value!r}") from None
+
+
+def check_token_budget(token_budget: Any, name: str = "max_num_batched_tokens"):
+    """Returns a per-step token budget as a float, None for no budget, or
+    raises ``ValueError`` unless it is a finite number >= 1."""
+    if token_budget is None:
+        return None
+    value = _as_float(name, token_budget, "None or a number of tokens >= 1")
+    if not np.isfinite(value) or value < 1:
+        raise ValueError(f"`{name}` must be >= 1 token per step, got {token_budget!r}")
+    return value
 
 
 def check_accelerate_below(accelerate_below) -> float:

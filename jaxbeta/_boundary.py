@@ -99,24 +99,6 @@ def check_chunk_size(chunk_size: Any) -> float:
     return value
 
 
-def check_token_budget(token_budget: Any, name: str = "max_num_batched_tokens"):
-    """Returns a per-step token budget as a float, None for no budget, or
-    raises ``ValueError`` unless it is a finite number >= 1."""
-    if token_budget is None:
-        return None
-    try:
-        if isinstance(token_budget, (bool, np.bool_)):
-            raise TypeError
-        value = float(token_budget)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"`{name}` must be None or a number of tokens >= 1, got {token_budget!r}"
-        ) from None
-    if not np.isfinite(value) or value < 1:
-        raise ValueError(f"`{name}` must be >= 1 token per step, got {token_budget!r}")
-    return value
-
-
 def check_min_duration(min_duration_sec: Any) -> float:
     """Returns ``min_duration_sec`` as a float, or raises if negative/non-finite."""
     try:

@@ -24,15 +24,11 @@ from jaxbeta._api import (
     check_accelerate_below,
     check_loop_settings,
     check_mode,
+    check_token_budget,
     iterative_result,
 )
 from jaxbeta._arrays import PhaseArrays
-from jaxbeta._boundary import (
-    check_chunk_size,
-    check_min_duration,
-    check_token_budget,
-    prepare_trace,
-)
+from jaxbeta._boundary import check_chunk_size, check_min_duration, prepare_trace
 from jaxbeta._fixed_point import check_solver_options
 from jaxbeta._grid import phase_durations, phase_steps
 from jaxbeta._iterative import (
