@@ -389,7 +389,9 @@ def _bicgstab_cycle(matvec, x, residual, tol_abs, max_products):
     return carry[0], carry[7]
 
 
-def solve_linear(matvec, rhs, unit, tol, max_products, residual_with=None):
+def solve_linear(
+    matvec, rhs, unit, tol, max_products, residual_with=None, reference_norm=None
+):
     """Solves ``A x = rhs`` for a linear pytree operator ``A`` (BiCGSTAB).
 
     The iteration runs on ``x_hat = x / unit`` and measures residuals as
@@ -408,6 +410,9 @@ def solve_linear(matvec, rhs, unit, tol, max_products, residual_with=None):
       residual_with: optional ``x -> (A x, aux)``, used for the true residual
         at the end of each cycle; lets that product also compute something
         else at ``x`` (``aux`` of the last cycle is returned).
+      reference_norm: optional norm (in the scaled space) that residuals are
+        measured against instead of ``||rhs / unit||``, for a system that is
+        a reduction of a larger one whose right-hand side sets the scale.
 
     Returns:
       ``(x, relative residual [], products used [] int32, aux)``.
@@ -425,6 +430,8 @@ def solve_linear(matvec, rhs, unit, tol, max_products, residual_with=None):
         return scaled(lambda x: (matvec(x), ()), x_hat)[0]
 
     rhs_norm = jnp.linalg.norm(flat_rhs)
+    if reference_norm is not None:
+        rhs_norm = reference_norm
     tol_abs = tol * rhs_norm
 
     def keep_going(carry):
@@ -670,21 +677,36 @@ def _adjoint_jacobian(
     ``F`` is linearised once, in three stages: the context (grid, step counts,
     durations: everything the inputs change), the ptilde output
     (:func:`_prefill_stage`: step rates and correction) and the beta output
-    (:func:`_beta_stage`: features, Gram system, NNLS). A state cotangent
-    ``v = (v_beta [3], v_ptilde [S])`` then splits as
+    (:func:`_beta_stage`: features, Gram system, NNLS). In blocks,
 
-        v^T dF/ds = sum_k v_beta[k] g_k + v_ptilde^T d ptilde'/ds,
+        dF/ds = [[J_bb, J_bp],    J_bb = d beta'/d beta [3, 3],
+                 [J_pb, J_pp]],   J_bp = d beta'/d ptilde [3, S], ...
 
-    where ``g_k = e_k^T dF/ds`` (a pullback through both stages) is computed
-    once per k before the solves. Each product inside a solve is then one
-    pullback of the ptilde stage alone, without the features and the NNLS
-    (about half a full pullback), and none at all for a ``v`` without a
-    ptilde part, such as every solve's first. The residual check that ends a
-    solve is one pullback through all three stages, which also gives
-    ``v^T dF/dinputs``. Measured on 100,000 phases, chunk 64 (19 products),
-    against the former two linearisations of ``F`` (in (state, inputs) and
-    in the state) with a full pullback per product: about 0.30 s -> 0.22 s
-    per Jacobian, with products per solve unchanged.
+    and the adjoint system ``(I - dF/ds)^T (a, w) = (e_j, 0)`` of beta_j is
+
+        (I - J_bb^T) a = e_j + J_pb^T w,    w = J_bp^T a + J_pp^T w.
+
+    The rows ``e_k^T dF/ds`` (a pullback of e_k through the beta stage, then
+    the ptilde stage) give ``J_bb`` and ``J_bp`` outright, so the 3 x 3 beta
+    block is eliminated exactly and only the Schur complement in ``w``,
+
+        w - J_bp^T (I - J_bb^T)^{-1} J_pb^T w - J_pp^T w
+            = J_bp^T (I - J_bb^T)^{-1} e_j,
+
+    is solved by BiCGSTAB; each of its products is one pullback of the
+    ptilde stage (which yields ``J_pb^T w`` and ``J_pp^T w`` together).
+    The MM loop's slow modes live mostly in the beta block, which the
+    elimination removes from the iteration: on 100,000 phases
+    (``benchmarks/bench_grad.py``), 4 products per beta at chunk 64 and
+    16-19 at chunk 512 (the residual check included), against 6-7 and
+    18-22 when BiCGSTAB ran on the whole state. The tolerance keeps its
+    meaning: ``a`` solves its block exactly (to rounding), so the Schur
+    residual is the residual of the whole system, and it is measured
+    against ``||e_j||`` in the same scaled norm as before.
+
+    The residual check that ends a solve pulls ``w`` back through the
+    ptilde stage and the context; with the rows' own context cotangents it
+    also yields ``v^T dF/dinputs`` for ``v = (a, w)``.
     """
     static = dict(
         prefill_correction_mode=prefill_correction_mode,
@@ -718,64 +740,51 @@ def _adjoint_jacobian(
         return jax.tree.map(lambda *leaves: sum(leaves[1:], leaves[0]), *trees)
 
     def beta_row(k):
-        # The beta stage's pullback of e_k (to the state, ptilde' and the
-        # context) and g_k = e_k^T dF/ds (through both stages).
+        # e_k^T dF/ds and e_k^T dF/dfloats, through both stages.
         e_k = jnp.zeros(3, state.beta.dtype).at[k].set(1.0)
-        beta_bars = beta_vjp(e_k)
-        state_bar_2, _ = prefill_vjp(beta_bars[1])
-        return add(beta_bars[0], state_bar_2), beta_bars
+        state_bar, prefill_bar, floats_bar = beta_vjp(e_k)
+        state_bar_2, floats_bar_2 = prefill_vjp(prefill_bar)
+        return add(state_bar, state_bar_2), add(floats_bar, floats_bar_2)
 
-    # leaves [3, ...]
-    state_rows, beta_stage_rows = jax.lax.map(beta_row, jnp.arange(3))
+    # leaves [3, ...]: row k of J_bb and of J_bp, and beta'_k's context part
+    state_rows, floats_rows = jax.lax.map(beta_row, jnp.arange(3))
+    beta_block = jnp.eye(3, dtype=state.beta.dtype) - state_rows.beta.T
+    beta_by_ptilde = state_rows.effective_prefill  # J_bp [3, S]
 
-    def combine(rows, weights):  # sum_k weights[k] * rows_k, leaf by leaf
-        return jax.tree.map(lambda row: jnp.tensordot(weights, row, axes=1), rows)
+    def beta_part(rhs):  # a = (I - J_bb^T)^{-1} rhs
+        return jnp.linalg.solve(beta_block, rhs)
+
+    def schur(w, pulled):  # the Schur operator at w, from J^T-pullback parts
+        pulled_beta, pulled_prefill = pulled
+        return w - beta_part(pulled_beta) @ beta_by_ptilde - pulled_prefill
+
+    def schur_matvec(w):
+        state_bar, _ = prefill_vjp(w)
+        return schur(w, state_bar)
 
     unit = state_unit(state, settings.chunk_size)
-    inverse_unit = jax.tree.map(lambda u: 1.0 / u, unit)
-
-    def prefill_part(v_prefill):  # v_ptilde^T d ptilde'/ds
-        return prefill_vjp(v_prefill)[0]
-
-    def transposed(v):  # (I - dF/ds)^T v; the context cotangent is dropped
-        # A v with no ptilde part needs no pullback (J^T v = sum_k v_k g_k):
-        # the first product of every solve is such a one (its start, e_j),
-        # one product in 6-7 per solve.
-        state_bar = jax.lax.cond(
-            jnp.any(v.effective_prefill != 0),
-            prefill_part,
-            lambda _: jax.tree.map(jnp.zeros_like, state),
-            v.effective_prefill,
-        )
-        state_bar = add(combine(state_rows, v.beta), state_bar)
-        return jax.tree.map(jnp.subtract, v, state_bar)
-
-    def transposed_and_inputs(v):  # the residual check also yields v^T dF/dx
-        # The beta stage's pullback of v_beta is a combination of its rows
-        # kept from beta_row (linear in v_beta), so the check pulls back
-        # through the ptilde stage and the context only: one beta-stage
-        # pullback fewer per solve (100,000 phases, chunk 64: about 10% of
-        # the Jacobian's time). Keeping the inputs' rows of the beta output
-        # instead (e_k^T dF/dinputs, 3 x 4 x [n], a context pullback each)
-        # measured no faster and holds more memory.
-        state_bar, prefill_bar, floats_bar = combine(beta_stage_rows, v.beta)
-        state_bar_2, floats_bar_2 = prefill_vjp(v.effective_prefill + prefill_bar)
-        (inputs_bar,) = context_vjp(add(floats_bar, floats_bar_2))
-        state_bar = add(state_bar, state_bar_2)
-        return jax.tree.map(jnp.subtract, v, state_bar), inputs_bar
 
     def one_beta(j):
-        rhs = MMState(
-            beta=jnp.zeros(3, state.beta.dtype).at[j].set(1.0),
-            effective_prefill=jnp.zeros_like(state.effective_prefill),
-        )
+        e_j = jnp.zeros(3, state.beta.dtype).at[j].set(1.0)
+
+        def schur_and_inputs(w):  # the residual check, with v^T dF/dinputs
+            state_bar, floats_bar = prefill_vjp(w)
+            a = beta_part(e_j + state_bar.beta)
+            floats_total = add(
+                jax.tree.map(lambda row: jnp.tensordot(a, row, axes=1), floats_rows),
+                floats_bar,
+            )
+            (inputs_bar,) = context_vjp(floats_total)
+            return schur(w, state_bar), inputs_bar
+
         _, relative, products, inputs_bar = solve_linear(
-            transposed,
-            rhs,
-            inverse_unit,
+            schur_matvec,
+            beta_part(e_j) @ beta_by_ptilde,
+            1.0 / unit.effective_prefill,  # cotangents scale inversely
             adjoint_tol,
             adjoint_max_iters,
-            residual_with=transposed_and_inputs,
+            residual_with=schur_and_inputs,
+            reference_norm=unit.beta[j],  # ||e_j||, scaled like the cotangent
         )
         return inputs_bar, relative, products
 
