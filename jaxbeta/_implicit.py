@@ -406,7 +406,8 @@ def solve_linear(
       rhs: the right-hand side (pytree).
       unit: positive scales, a pytree like ``rhs``.
       tol: target ``||(rhs - A x) / unit|| <= tol * ||rhs / unit||``.
-      max_products: cap on operator products (restarts and checks included).
+      max_products: cap on operator products (restarts and checks included);
+        at least one cycle runs, ending with its check.
       residual_with: optional ``x -> (A x, aux)``, used for the true residual
         at the end of each cycle; lets that product also compute something
         else at ``x`` (``aux`` of the last cycle is returned).
@@ -435,8 +436,11 @@ def solve_linear(
     tol_abs = tol * rhs_norm
 
     def keep_going(carry):
+        # At least one cycle, so that ``aux`` always comes from a real check
+        # (with a ``reference_norm`` the zero start may already pass).
         _, residual, products, _ = carry
-        return (jnp.linalg.norm(residual) > tol_abs) & (products < max_products)
+        unsolved = jnp.linalg.norm(residual) > tol_abs
+        return (products == 0) | (unsolved & (products < max_products))
 
     def cycle(carry):
         x_hat, residual, products, _ = carry
