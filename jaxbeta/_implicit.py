@@ -714,37 +714,43 @@ def _adjoint_jacobian(
 
     ``F`` is linearised once, in three stages: the context (grid, step counts,
     durations: everything the inputs change), the ptilde output
-    (:func:`_prefill_stage`: step rates and correction) and the beta output
-    (:func:`_beta_stage`: features, Gram system, NNLS). In blocks,
+    ``p' = P(beta, p)`` (:func:`_prefill_stage`: step rates and correction)
+    and the beta output ``beta' = B(beta, p, p')`` (:func:`_beta_stage`:
+    features, Gram system, NNLS). For a state cotangent ``v = (a [3], w [S])``
 
-        dF/ds = [[J_bb, J_bp],    J_bb = d beta'/d beta [3, 3],
-                 [J_pb, J_pp]],   J_bp = d beta'/d ptilde [3, S], ...
+        v^T dF/ds = (B_b^T a + P_b^T z,  B_p^T a + P_p^T z),  z = w + B_p'^T a,
 
-    and the adjoint system ``(I - dF/ds)^T (a, w) = (e_j, 0)`` of beta_j is
+    with ``B_b = dB/dbeta`` [3, 3], ``B_p = dB/dp``, ``B_p' = dB/dp'``
+    [3, S] (the three rows of the beta stage, one pullback of each e_k,
+    computed once) and ``P_b``, ``P_p`` the ptilde stage (one pullback of
+    ``z`` gives both). The adjoint system ``(I - dF/ds)^T v = e_j`` of
+    beta_j then reads, in ``(a, z)``,
 
-        (I - J_bb^T) a = e_j + J_pb^T w,    w = J_bp^T a + J_pp^T w.
+        (I - B_b^T) a = e_j + P_b^T z,    z = D^T a + P_p^T z,
 
-    The rows ``e_k^T dF/ds`` (a pullback of e_k through the beta stage, then
-    the ptilde stage) give ``J_bb`` and ``J_bp`` outright, so the 3 x 3 beta
-    block is eliminated exactly and only the Schur complement in ``w``,
+    with ``D = B_p + B_p'`` [3, S]. The 3 x 3 block is eliminated exactly and
+    BiCGSTAB solves the Schur complement in ``z``,
 
-        w - J_bp^T (I - J_bb^T)^{-1} J_pb^T w - J_pp^T w
-            = J_bp^T (I - J_bb^T)^{-1} e_j,
+        z - D^T (I - B_b^T)^{-1} P_b^T z - P_p^T z = D^T (I - B_b^T)^{-1} e_j,
 
-    is solved by BiCGSTAB; each of its products is one pullback of the
-    ptilde stage (which yields ``J_pb^T w`` and ``J_pp^T w`` together).
-    The MM loop's slow modes live mostly in the beta block, which the
-    elimination removes from the iteration: on 100,000 phases
-    (``benchmarks/bench_grad.py``), 4 products per beta at chunk 64 and
-    16-19 at chunk 512 (the residual check included), against 6-7 and
-    18-22 when BiCGSTAB ran on the whole state. The tolerance keeps its
-    meaning: ``a`` solves its block exactly (to rounding), so the Schur
-    residual is the residual of the whole system, and it is measured
-    against ``||e_j||`` in the same scaled norm as before.
+    each product being one pullback of the ptilde stage. The MM loop's slow
+    modes live mostly in the beta block, which the elimination takes out of
+    the iteration, and the rows need no ptilde pullback at all. On 100,000
+    phases (``benchmarks/bench_grad.py``'s trace), interleaved against the
+    former BiCGSTAB on the whole state (rows through both stages, fit and
+    derivative as two programs), :func:`iterative_sensitivity_arrays` takes
+    19%, 16% and 12% less time at chunk 64, 128 and 512 (4-5 products per
+    beta instead of 6-7 at chunk 64). The tolerance keeps its meaning: ``a``
+    solves its block to rounding, so the Schur residual is the residual of
+    the whole system (its ``w`` part), measured against ``||e_j||`` in the
+    same scaled norm as before. Accuracy on those traces, against a 1e-14
+    solve: at the default ``adjoint_tol = 1e-6`` every entry is within
+    0.07-0.19% of the largest entry of its (input, beta) row; at 1e-8,
+    within 2e-5 to 6e-5, for 2-8 more products per beta.
 
-    The residual check that ends a solve pulls ``w`` back through the
-    ptilde stage and the context; with the rows' own context cotangents it
-    also yields ``v^T dF/dinputs`` for ``v = (a, w)``.
+    The residual check that ends a solve pulls ``z`` back through the ptilde
+    stage and the context; with the beta stage's own context cotangents it
+    also yields ``v^T dF/dinputs``.
     """
     static = dict(
         prefill_correction_mode=prefill_correction_mode,
@@ -777,47 +783,44 @@ def _adjoint_jacobian(
     def add(*trees):
         return jax.tree.map(lambda *leaves: sum(leaves[1:], leaves[0]), *trees)
 
-    def beta_row(k):
-        # e_k^T dF/ds and e_k^T dF/dfloats, through both stages.
-        e_k = jnp.zeros(3, state.beta.dtype).at[k].set(1.0)
-        state_bar, prefill_bar, floats_bar = beta_vjp(e_k)
-        state_bar_2, floats_bar_2 = prefill_vjp(prefill_bar)
-        return add(state_bar, state_bar_2), add(floats_bar, floats_bar_2)
+    def beta_row(k):  # the beta stage's pullback of e_k
+        return beta_vjp(jnp.zeros(3, state.beta.dtype).at[k].set(1.0))
 
-    # leaves [3, ...]: row k of J_bb and of J_bp, and beta'_k's context part
-    state_rows, floats_rows = jax.lax.map(beta_row, jnp.arange(3))
+    # leaves [3, ...]: d beta'_k / d state, / d ptilde', / d floats
+    state_rows, prefill_rows, floats_rows = jax.lax.map(beta_row, jnp.arange(3))
     beta_block = jnp.eye(3, dtype=state.beta.dtype) - state_rows.beta.T
-    beta_by_ptilde = state_rows.effective_prefill  # J_bp [3, S]
+    # D [3, S]: row k = d beta'_k / d ptilde (lagged) + d beta'_k / d ptilde'
+    beta_by_prefill = state_rows.effective_prefill + prefill_rows
 
-    def beta_part(rhs):  # a = (I - J_bb^T)^{-1} rhs
+    def beta_part(rhs):  # a = (I - B_bb^T)^{-1} rhs
         return jnp.linalg.solve(beta_block, rhs)
 
-    def schur(w, pulled):  # the Schur operator at w, from J^T-pullback parts
+    def schur(z, pulled):  # the Schur operator at z, from its pullback
         pulled_beta, pulled_prefill = pulled
-        return w - beta_part(pulled_beta) @ beta_by_ptilde - pulled_prefill
+        return z - beta_part(pulled_beta) @ beta_by_prefill - pulled_prefill
 
-    def schur_matvec(w):
-        state_bar, _ = prefill_vjp(w)
-        return schur(w, state_bar)
+    def schur_matvec(z):
+        state_bar, _ = prefill_vjp(z)
+        return schur(z, state_bar)
 
     unit = state_unit(state, settings.chunk_size)
 
     def one_beta(j):
         e_j = jnp.zeros(3, state.beta.dtype).at[j].set(1.0)
 
-        def schur_and_inputs(w):  # the residual check, with v^T dF/dinputs
-            state_bar, floats_bar = prefill_vjp(w)
+        def schur_and_inputs(z):  # the residual check, with v^T dF/dinputs
+            state_bar, floats_bar = prefill_vjp(z)
             a = beta_part(e_j + state_bar.beta)
             floats_total = add(
                 jax.tree.map(lambda row: jnp.tensordot(a, row, axes=1), floats_rows),
                 floats_bar,
             )
             (inputs_bar,) = context_vjp(floats_total)
-            return schur(w, state_bar), inputs_bar
+            return schur(z, state_bar), inputs_bar
 
         _, relative, products, inputs_bar = solve_linear(
             schur_matvec,
-            beta_part(e_j) @ beta_by_ptilde,
+            beta_part(e_j) @ beta_by_prefill,
             1.0 / unit.effective_prefill,  # cotangents scale inversely
             adjoint_tol,
             adjoint_max_iters,

@@ -469,8 +469,10 @@ def test_a_loose_adjoint_tolerance_still_checks_and_pulls_back():
     assert np.all(np.asarray(loose.adjoint.residual) <= 0.5)
     for rows, expected in zip(loose.jacobian, tight.jacobian, strict=True):
         scale = float(np.max(np.abs(expected)))
-        # 3% measured at residuals of 1-3%: a first-order answer, not zeros
-        assert float(np.max(np.abs(np.asarray(rows) - expected))) < 0.1 * scale
+        # Zeros would be off by the whole scale; a first-order answer from
+        # the zero start measured 13% off here (3% before the rows dropped
+        # their ptilde pullback, which changed the start), tight ones 0.
+        assert float(np.max(np.abs(np.asarray(rows) - expected))) < 0.5 * scale
 
 
 @pytest.mark.parametrize(
