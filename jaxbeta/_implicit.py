@@ -799,7 +799,7 @@ def _adjoint_jacobian(
     # D [3, S]: row k = d beta'_k / d ptilde (lagged) + d beta'_k / d ptilde'
     beta_by_prefill = state_rows.effective_prefill + prefill_rows
 
-    def beta_part(rhs):  # a = (I - B_bb^T)^{-1} rhs
+    def beta_part(rhs):  # a = (I - B_b^T)^{-1} rhs
         return jnp.linalg.solve(beta_block, rhs)
 
     def schur(z, pulled):  # the Schur operator at z, from its pullback
