@@ -135,6 +135,15 @@ def simulated_trace(
     return phases
 
 
+def stretched_trace() -> pd.DataFrame:
+    """A simulated trace with phase 3 stretched to 5x its duration, so that
+    its residual exceeds ``HUBER_SCALE`` and the Huber loss is active."""
+    phases = simulated_trace(26, 3, jitter=2e-4)
+    duration = phases.loc[3, "t_end"] - phases.loc[3, "t_start"]
+    phases.loc[3, "t_end"] = phases.loc[3, "t_start"] + 5 * duration
+    return phases
+
+
 def toy_trace() -> pd.DataFrame:
     """SPEC section 9: baseline (end) has beta2 = 0, iterative has beta0 = 0."""
     return pd.DataFrame(
@@ -283,9 +292,7 @@ def test_per_phase_derivatives_match_finite_differences(algo, name, make):
 def test_huber_derivatives_match_finite_differences():
     """The implicit derivative of the Huber optimum (not of the IRLS rounds),
     with one corrupted phase so that some residuals exceed the scale."""
-    phases = simulated_trace(26, 3, jitter=2e-4)
-    duration = phases.loc[3, "t_end"] - phases.loc[3, "t_start"]
-    phases.loc[3, "t_end"] = phases.loc[3, "t_start"] + 5 * duration
+    phases = stretched_trace()
     prepared, arrays = _arrays(phases)
     n = prepared.n_phases
     fit, jacobian = baseline_sensitivity_arrays(
@@ -427,9 +434,7 @@ def test_eliminated_adjoint_matches_the_whole_system_solve(options):
     settings): with damping, which changes the beta block, and a trace-only
     correction; and with the Huber loss active on a stretched phase. At the
     default tolerance each solve reports a residual below it."""
-    phases = simulated_trace(26, 3, jitter=2e-4)
-    duration = phases.loc[3, "t_end"] - phases.loc[3, "t_start"]
-    phases.loc[3, "t_end"] = phases.loc[3, "t_start"] + 5 * duration
+    phases = stretched_trace()
     _, arrays = _arrays(phases)
     explicit = iterative_sensitivity_arrays(
         arrays, CHUNK, **options, **TIGHT, **ADJOINT
